@@ -1,0 +1,32 @@
+"""qwen15: a PyTorch-native toolkit for the Qwen1.5 language models.
+
+from qwen15 import Qwen, Tokenizer
+model = Qwen.from_pretrained("Qwen1.5-0.5B-Chat")
+tokenizer = Tokenizer.from_pretrained("Qwen1.5-0.5B-Chat")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# Imported on first use, so that `qwen15 --help` and light tools start without loading torch.
+_LAZY = {
+    "Qwen": "qwen15.model",
+    "KVCache": "qwen15.model",
+    "ModelConfig": "qwen15.config",
+    "get_preset": "qwen15.config",
+    "PRESETS": "qwen15.config",
+    "Tokenizer": "qwen15.tokenizer",
+    "generate": "qwen15.generate",
+    "stream_generate": "qwen15.generate",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qwen15' has no attribute {name!r}")

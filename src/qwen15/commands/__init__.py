@@ -1,0 +1,1 @@
+"""One module per `qwen15` command: add_arguments(parser) and run(args)."""
