@@ -175,12 +175,4 @@ class RowSampler:
                 )
         if bool(state.get("shuffle", 1)) != self.shuffle:
             raise DatasetError("cannot resume the data order: shuffle differs from the checkpoint's")
-        if (
-            int(state["position"]) % self.global_batch_size
-            and self.global_batch_size != state["global_batch_size"]
-        ):
-            raise DatasetError(
-                f"cannot resume: the global batch size changed from {state['global_batch_size']} to "
-                f"{self.global_batch_size} mid-way; keep it the same (the number of processes may change)"
-            )
         self.position = int(state["position"])
