@@ -1,0 +1,51 @@
+"""Tensor-parallel inference: one model split over N devices (torchrun --nproc-per-node N), for models that do not
+fit one device or to cut the per-token latency of big ones.
+
+Every rank runs the same generation loop on the same prompt; each computes its heads and MLP columns, keeps a KV
+cache of its own heads only (the cache takes its shapes from the keys written), and gets the full logits of the
+last position (one all-gather of [batch, 1, vocab] per step), so sampling with the same seed picks the same token
+on every rank. No sequence parallelism here: decoding runs one token at a time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def shard_for_inference(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Split `model` over `tp_mesh` for generation, in place: q/k/v (with biases), gate, up column-parallel;
+    o, down row-parallel (all-reduce); embedding and output layer split over the vocabulary, the logits gathered.
+    The forward keeps its signature (KVCache, cache_positions, key_padding_mask, last_only) and returns plain
+    full logits on every rank."""
+    apply_tensor_parallel(model, tp_mesh, sequence_parallel=False, loss_parallel=False)
+    return model.eval()
+
+
+def init_inference_mesh(device_type: str | None = None) -> DeviceMesh:
+    """A one-dimensional "tp" mesh over all ranks of a torchrun launch (initialising the process group)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+
+
+def local_kv_heads(model: nn.Module) -> int:
+    """Key/value heads this rank computes (all of them unless the model is tensor-parallel): the head count to
+    preallocate a KVCache with, read from the k projection's local weight."""
+    from torch.distributed.tensor import DTensor
+
+    weight = next(iter(model.layers.values())).self_attn.k_proj.weight
+    rows = weight.to_local().shape[0] if isinstance(weight, DTensor) else weight.shape[0]
+    return rows // model.config.head_dim

@@ -1,0 +1,238 @@
+"""Per-GPU memory of a training run, from the model shape and the parallel layout (no GPU needed).
+
+Four parts, for the most loaded rank (the pipeline stage with the largest total):
+- parameters: what each rank stores. Tensor parallel splits the matrices (and the vocabulary when
+  vocab_parallel), not the norms; FSDP2 splits every tensor along dim 0 over dp_shard (rank 0 holds the rounded-up
+  share, so the figure is exact for rank 0); pipeline stages hold their layers, the first the embedding, the last
+  the final norm and output layer.
+- gradients: one per stored parameter element, in the parameter dtype (FSDP2 reduces into fp32 shards).
+- optimizer: AdamW's two moments per element in the parameter dtype, plus its step counter per tensor.
+- activations: what autograd keeps for backward, counted from the model's code (see `layer_activation_bytes`),
+  times the micro-batches a stage holds at once under the pipeline schedule.
+`transient` is what comes and goes within a step: FSDP2's unsharded compute-dtype copies of the blocks being
+run (and the root module's), one block's unsharded gradients, and the loss's fp32 working copies of the logits.
+Not counted: the CUDA context and allocator caching (budget 2-4 GiB per GPU), communication buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qwen15.config import ModelConfig
+from qwen15.parallel.layout import ParallelLayout
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0}
+GIB = 1024**3
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a dtype given as a torch.dtype or a name ("bfloat16", "fp32", ...)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_BYTES))}")
+    return _DTYPE_BYTES[name]
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU on the most loaded rank (`pp_rank` is its pipeline rank)."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    transient: int
+    pp_rank: int = 0
+    per_pp_rank: list[int] = field(default_factory=list, repr=False)  # total of each pipeline rank
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.transient
+
+    def gib(self) -> dict[str, float]:
+        keys = ("parameters", "gradients", "optimizer", "activations", "transient", "total")
+        return {k: round(getattr(self, k) / GIB, 2) for k in keys}
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """Every parameter tensor (our names): its shape and the dim tensor parallel splits (None = replicated);
+    the embedding and output layer are listed with dim 0 (split only under vocab_parallel)."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    out: dict[str, tuple[tuple[int, ...], int | None]] = {"embed_tokens.weight": ((config.vocab_size, h), 0)}
+    for n in range(config.num_hidden_layers):
+        p = f"layers.{n}."
+        out[p + "input_layernorm.weight"] = ((h,), None)
+        out[p + "self_attn.q_proj.weight"] = ((q, h), 0)
+        out[p + "self_attn.q_proj.bias"] = ((q,), 0)
+        out[p + "self_attn.k_proj.weight"] = ((kv, h), 0)
+        out[p + "self_attn.k_proj.bias"] = ((kv,), 0)
+        out[p + "self_attn.v_proj.weight"] = ((kv, h), 0)
+        out[p + "self_attn.v_proj.bias"] = ((kv,), 0)
+        out[p + "self_attn.o_proj.weight"] = ((h, q), 1)
+        out[p + "post_attention_layernorm.weight"] = ((h,), None)
+        out[p + "mlp.gate_proj.weight"] = ((i, h), 0)
+        out[p + "mlp.up_proj.weight"] = ((i, h), 0)
+        out[p + "mlp.down_proj.weight"] = ((h, i), 1)
+    out["norm.weight"] = ((h,), None)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = ((config.vocab_size, h), 0)
+    return out
+
+
+def local_numel(shape: tuple[int, ...], tp_dim: int | None, tp: int, dp_shard: int) -> int:
+    """Elements rank 0 stores of one tensor: split over tp along tp_dim, then FSDP2's dim-0 split (rounded up)."""
+    dims = list(shape)
+    if tp_dim is not None and tp > 1:
+        dims[tp_dim] //= tp
+    dims[0] = math.ceil(dims[0] / dp_shard)
+    return math.prod(dims)
+
+
+def layer_activation_bytes(
+    config: ModelConfig,
+    tokens: int,
+    compute_bytes: int,
+    tp: int = 1,
+    sequence_parallel: bool = True,
+    activation_checkpointing: bool = False,
+) -> int:
+    """Bytes one transformer layer keeps for backward for `tokens` tokens (micro-batch x sequence).
+
+    Counted from the code (qwen15.model) and checked against autograd's saved tensors in tests:
+    - each RMSNorm keeps its fp32 input and its normalised output: h x (4 + B), split over the sequence with sp;
+    - q/k/v and gate/up keep their input, the full sequence (all-gathered with sp): 2 x h x B;
+    - attention (flash/SDPA) keeps rotated q and k, v and its output: (2 x heads + 2 x kv_heads) x head_dim x B / tp
+      (rotary's multiplications keep only cos and sin; o_proj's input shares the output's storage);
+    - the MLP keeps gate, silu(gate), up and their product: 4 x intermediate x B / tp.
+    With activation checkpointing a layer keeps only its input (h x B, split with sp).
+    """
+    b = compute_bytes
+    h = config.hidden_size
+    seq_split = tp if sequence_parallel else 1
+    if activation_checkpointing:
+        return tokens * h * b // seq_split
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    norms = 2 * h * (4 + b) / seq_split
+    inputs = 2 * h * b
+    attention = (2 * heads + 2 * kv) * hd * b / tp
+    mlp = 4 * config.intermediate_size * b / tp
+    return int(tokens * (norms + inputs + attention + mlp))
+
+
+def head_activation_bytes(
+    config: ModelConfig,
+    tokens: int,
+    compute_bytes: int,
+    tp: int = 1,
+    sequence_parallel: bool = True,
+    vocab_parallel: bool = True,
+) -> int:
+    """The last stage's final norm, output-layer input and the loss's fp32 softmax over its vocabulary slice."""
+    h = config.hidden_size
+    seq_split = tp if sequence_parallel else 1
+    vocab = config.vocab_size // (tp if vocab_parallel else 1)
+    return int(tokens * (h * (4 + compute_bytes) / seq_split + h * compute_bytes + vocab * 4))
+
+
+def inflight_microbatches(layout: ParallelLayout, pp_rank: int) -> int:
+    """Micro-batches (x model chunks, for Interleaved1F1B) whose activations a pipeline rank holds at its peak."""
+    m, pp = layout.microbatches, layout.pp
+    if pp == 1:
+        return 1  # micro-batches run one after the other (gradient accumulation)
+    if layout.pp_schedule == "GPipe":
+        return m
+    if layout.pp_schedule == "1F1B":
+        return min(pp - pp_rank, m)
+    # Interleaved1F1B, as torch's schedule orders it: warm-up forwards, then one forward before each backward.
+    v = layout.stages_per_rank
+    per_round = m // max(1, m // pp)
+    warmup = min((v - 1) * per_round + 2 * (pp - 1 - pp_rank), m * v)
+    return warmup + 1
+
+
+def estimate_memory(
+    config: ModelConfig,
+    layout: ParallelLayout,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    param_dtype="float32",
+    compute_dtype="bfloat16",
+    optimizer: str = "adamw",
+    activation_checkpointing: bool = False,
+    world_size: int | None = None,
+    pp_rank: int | None = None,
+) -> MemoryEstimate:
+    """Per-GPU memory of training `config` under `layout` (see the module docstring for what each part holds).
+
+    The estimate is for the most loaded pipeline rank, or for `pp_rank` when given.
+    micro_batch_size: sequences per forward on one data-parallel rank (per pipeline micro-batch with pp > 1).
+    param_dtype: dtype of the stored parameters, gradients and optimizer state (fp32 master weights with FSDP2
+    mixed precision); compute_dtype: dtype of activations and of the unsharded copies used in compute.
+    """
+    from qwen15.parallel.pipeline import stage_indices, stage_ranges
+
+    if world_size is not None or layout.dp_shard == -1:
+        layout = layout.validate(world_size if world_size is not None else layout.world_size(), config)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    pbytes, cbytes = dtype_bytes(param_dtype), dtype_bytes(compute_dtype)
+    tp, dp_shard = layout.tp, layout.dp_shard
+    sp = layout.sequence_parallel and tp > 1
+    shapes = param_shapes(config)
+    tokens = micro_batch_size * seq_len
+    ranges = stage_ranges(config, layout) if layout.pp > 1 else [range(config.num_hidden_layers)]
+    last_stage = len(ranges) - 1
+    per_layer_act = layer_activation_bytes(config, tokens, cbytes, tp, sp, activation_checkpointing)
+    full_layer_act = layer_activation_bytes(config, tokens, cbytes, tp, sp, False)
+    rotary = 2 * tokens * config.head_dim * cbytes  # cos and sin, shared by the layers of a stage
+
+    def tensor_numel(name: str, *, unsharded: bool = False) -> int:
+        shape, tp_dim = shapes[name]
+        if tp_dim is not None and name.startswith(("embed_tokens", "lm_head")) and not layout.vocab_parallel:
+            tp_dim = None
+        return local_numel(shape, tp_dim, tp, 1 if unsharded else dp_shard)
+
+    block_names = [n for n in shapes if n.startswith("layers.0.")]
+    block_numel_unsharded = sum(tensor_numel(n, unsharded=True) for n in block_names)
+    results = []
+    for rank in range(layout.pp):
+        stages = stage_indices(layout, rank) if layout.pp > 1 else [0]
+        names = []
+        for s in stages:
+            names += [n for n in shapes if n.startswith("layers.") and int(n.split(".")[1]) in ranges[s]]
+            if s == 0:
+                names.append("embed_tokens.weight")
+            if s == last_stage:
+                names += ["norm.weight"] + (["lm_head.weight"] if "lm_head.weight" in shapes else [])
+        numel = sum(tensor_numel(n) for n in names)
+        params = numel * pbytes
+        states = OPTIMIZERS[optimizer]
+        optim = numel * states * pbytes + (len(names) * 4 if optimizer in ("adamw", "adam") else 0)
+
+        chunk_layers = max(len(ranges[s]) for s in stages)
+        held = inflight_microbatches(layout, rank)
+        acts = held * (chunk_layers * per_layer_act + rotary)
+        if activation_checkpointing:
+            acts += full_layer_act  # one block recomputed in backward
+        holds_head = last_stage in stages
+        if holds_head:
+            acts += head_activation_bytes(config, tokens, cbytes, tp, sp, layout.vocab_parallel)
+
+        transient = 0
+        if dp_shard > 1 or cbytes != pbytes:
+            # FSDP2: this block and the prefetched next one unsharded in compute dtype, one block's unsharded
+            # gradients before the reduce-scatter, and the root module (embedding / output) kept unsharded.
+            root = [n for n in names if not n.startswith("layers.")]
+            transient += 2 * block_numel_unsharded * cbytes + block_numel_unsharded * cbytes
+            transient += sum(tensor_numel(n, unsharded=True) for n in root) * cbytes
+        if holds_head:
+            vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
+            transient += tokens * vocab * (cbytes + 4)  # logits, and the loss's fp32 shifted copy
+        results.append(MemoryEstimate(params, params, optim, acts, transient, rank))
+    chosen = results[pp_rank] if pp_rank is not None else max(results, key=lambda r: r.total)
+    chosen.per_pp_rank = [r.total for r in results]
+    return chosen
