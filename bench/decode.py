@@ -1,0 +1,235 @@
+"""Decode speed: qwen15's generate against transformers' generate, same random weights, same process.
+
+    python bench/decode.py                                  # qwen1.5-0.5b shape, batch 1 and 8, fp32 and bf16
+    python bench/decode.py --preset qwen1.5-7b --device cuda --dtype bf16 --batch 1
+    python bench/decode.py --int8                           # adds our int8 weight-only rows
+
+Both models share one set of weight tensors (transformers' Qwen2ForCausalLM holds them; ours points at the same
+storage), so the comparison costs one model's memory. Each configuration runs the two engines alternately,
+`--repeat` times, and keeps the best times of each (on a shared machine the fastest run is the one least
+disturbed by other work; both engines get the same number of tries). Decode tokens/s = batch * (new_tokens - 1)
+/ (best time of a full generate - best time of a one-token generate), i.e. prefill excluded for both. "same greedy
+tokens": the share of positions where our greedy tokens equal transformers' (100% expected in fp32; bf16
+kernels may round differently, and one different token changes the rest of the row). Roofline: the weight bytes
+one decode step must read (every matrix once, the embedding row lookup aside) over the memory bandwidth
+measured here, in this run, by a large tensor copy (bytes read plus written over time, as ANCHORS.md quotes
+it). On CPU our bf16 rows prepack the weights for oneDNN (`--no-pack` to compare without).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def hf_model(cfg, dtype, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hc = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_sliding_window=False,
+        attn_implementation="sdpa",
+        dtype=dtype,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(hc).to(dtype)
+    return model.eval()
+
+
+def ours_sharing(hf, cfg):
+    """Our model whose parameters are the transformers model's tensors (no copy)."""
+    from qwen15 import Qwen
+    from qwen15.checkpoint import our_name
+
+    with torch.device("meta"):
+        ours = Qwen(cfg)
+    state = {our_name(k): v for k, v in hf.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+    ours.load_state_dict(state, strict=True, assign=True)
+    ours.tie_weights()
+    return ours.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_bandwidth(device) -> float:
+    """Bytes/s moved by a large tensor copy, reads plus writes (as ANCHORS.md quotes it)."""
+    n = 256 * 2**20 if device.type == "cpu" else 2 * 2**30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * n / best
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: the blocks, the final norm and the output layer, each tensor once
+    (the embedding table is read one row per token, unless it is the output layer too)."""
+    seen, total = set(), 0
+    for module in (model.layers, model.norm, model.lm_head):
+        for t in list(module.parameters()) + list(module.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def generate_times(run, n: int, device) -> tuple[float, float]:
+    """Seconds of a generate of n tokens and of a single token (the prefill and first pick)."""
+    times = []
+    for k in (n, 1):
+        sync(device)
+        t = time.perf_counter()
+        run(k)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times[0], times[1]
+
+
+def decode_seconds(samples: list[tuple[float, float]]) -> float:
+    """Time of n - 1 decode steps: the best full generate minus the best one-token generate (taking each best
+    separately keeps one disturbed short run from making the difference meaningless)."""
+    return min(f for f, _ in samples) - min(p for _, p in samples)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen1.5-0.5b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--int8", action="store_true", help="add our int8 weight-only rows (against the same reference)"
+    )
+    p.add_argument(
+        "--no-reference", action="store_true", help="skip transformers (e.g. 7B compiled on GPU only)"
+    )
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-pack", action="store_true", help="do not prepack bf16 weights for oneDNN on CPU")
+    args = p.parse_args(argv)
+
+    import transformers
+
+    from qwen15.config import get_preset
+    from qwen15.generate import Generator
+    from qwen15.sampling import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = get_preset(args.preset)
+    bw = memory_bandwidth(device)
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# decode bench: {args.preset}, {machine}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, best of "
+        f"{args.repeat}; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s",
+        flush=True,
+    )
+    print(
+        "| weights | batch | transformers tok/s | qwen15 tok/s | ratio | qwen15 share of roofline "
+        "| same greedy tokens |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rows = [(d, b, False) for d in args.dtype for b in args.batch]
+    if args.int8:
+        rows += [("bf16", b, True) for b in args.batch]
+    current, hf, ours = None, None, None
+    for dname, batch, int8 in rows:
+        dtype = dtypes[dname]
+        if current != (dname, int8):
+            hf = ours = None
+            hf = hf_model(cfg, dtype, device)
+            ours = ours_sharing(hf, cfg)
+            if int8:
+                from qwen15.quantize import quantize_int8
+
+                ours = quantize_int8(ours)
+            elif not args.no_pack:
+                from qwen15.quantize import pack_for_cpu
+
+                ours = pack_for_cpu(ours)  # bf16 on CPU only; a no-op otherwise
+            current = (dname, int8)
+        gen = torch.Generator().manual_seed(batch)
+        prompt = torch.randint(0, 151000, (batch, args.prompt_len), generator=gen)
+        engine = Generator(ours, None)
+        greedy = SamplingParams()
+        n = args.new_tokens
+
+        def run_ours(k, engine=engine, prompt=prompt, greedy=greedy):
+            outs = engine.generate(prompt.tolist(), max_new_tokens=k, sampling=greedy, stop_token_ids=[])
+            return [o.token_ids for o in outs]
+
+        def run_hf(k, prompt=prompt, hf=hf):
+            ids = prompt.to(device)
+            with torch.inference_mode():
+                out = hf.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=k,
+                    min_new_tokens=k,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=None,
+                )
+            return out[:, ids.shape[1] :].tolist()
+
+        ours_tokens = run_ours(n)  # also the warm-up (and the compile, on GPU)
+        same = "-"
+        if not args.no_reference:
+            ref_tokens = run_hf(n)
+            agree = sum(a == b for r, o in zip(ref_tokens, ours_tokens) for a, b in zip(r, o))
+            same = f"{agree / (batch * n):.0%}"
+        ours_t, hf_t = [], []
+        for _ in range(args.repeat):
+            ours_t.append(generate_times(run_ours, n, device))
+            if not args.no_reference:
+                hf_t.append(generate_times(run_hf, n, device))
+        tokens = batch * (n - 1)
+        ours_rate = tokens / decode_seconds(ours_t)
+        hf_rate = tokens / decode_seconds(hf_t) if hf_t else float("nan")
+        roofline = bw / weight_bytes_per_step(ours) * batch
+        label = "int8 weights, bf16 act." if int8 else dname
+        vs = " (vs transformers bf16)" if int8 else ""
+        print(
+            f"| {label} | {batch} | {hf_rate:.1f} | {ours_rate:.1f} | {ours_rate / hf_rate:.2f}x{vs} | "
+            f"{ours_rate / roofline:.0%} of {roofline:.0f} | {same} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Multi-turn chat: the conversation, its rendering in the checkpoint's chat template, and the context window.
+
+`ChatSession.ask(question)` streams the reply (text deltas) and adds both turns to the history. With
+history off each question is answered alone. When the rendered conversation plus room for the reply
+(max_new_tokens) no longer fits the context window, the oldest user/assistant exchanges are dropped first; the
+system prompt and the current question are never dropped. The terminal loop lives in qwen15.commands.chat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
+from qwen15.errors import UserError
+from qwen15.generate import Completion, default_stop_ids, stream_generate
+from qwen15.sampling import SamplingParams
+
+DEMO_QUESTIONS = ("你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题")
+
+
+class ChatError(UserError):
+    """A question that cannot be answered within the context window, or a bad chat setting."""
+
+
+@dataclass
+class ChatSession:
+    model: Any
+    tokenizer: Any
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    history: bool = True
+    max_new_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    context_window: int | None = None  # default: the model's max_position_embeddings
+    seed: int | None = None
+    stop_token_ids: list[int] | None = (
+        None  # default: the checkpoint's eos ids plus <|im_end|> and <|endoftext|>
+    )
+    turns: list[dict[str, str]] = field(default_factory=list)  # user/assistant messages, oldest first
+    dropped_turns: int = 0  # exchanges dropped from the front to fit the window, since the last clear
+    last_completion: Completion | None = None
+
+    @property
+    def window(self) -> int:
+        return self.context_window or self.model.config.max_position_embeddings
+
+    def clear(self) -> None:
+        """Start a new conversation (the system prompt stays)."""
+        self.turns = []
+        self.dropped_turns = 0
+
+    def messages(self, question: str | None = None) -> list[dict[str, str]]:
+        """The conversation as the model sees it: system prompt, kept history, then the question."""
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        msgs += self.turns if self.history else []
+        if question is not None:
+            msgs.append({"role": "user", "content": question})
+        return msgs
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the conversation with the generation prompt, after dropping the oldest exchanges as needed
+        to leave max_new_tokens of room in the window."""
+        limit = self.window - self.max_new_tokens
+        if limit <= 0:
+            raise ChatError(
+                f"max_new_tokens ({self.max_new_tokens}) leaves no room in the context window ({self.window})"
+            )
+        while True:
+            ids = self.tokenizer.apply_chat_template(self.messages(question), add_generation_prompt=True)
+            if len(ids) <= limit:
+                return ids
+            if not (self.history and self.turns):
+                raise ChatError(
+                    f"the question needs {len(ids)} tokens with the system prompt, but only {limit} fit in the "
+                    f"context window ({self.window}) with {self.max_new_tokens} tokens left for the reply; "
+                    "shorten it or lower --max-new-tokens"
+                )
+            self._drop_oldest_exchange()
+
+    def _drop_oldest_exchange(self) -> None:
+        # an exchange is a user message and the replies up to the next user message
+        end = 1
+        while end < len(self.turns) and self.turns[end]["role"] != "user":
+            end += 1
+        del self.turns[:end]
+        self.dropped_turns += 1
+
+    def ask(self, question: str) -> Iterator[str]:
+        """Stream the reply to `question` (text deltas); the exchange joins the history when the reply is done."""
+        ids = self.prompt_ids(question)
+        stream = stream_generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.sampling.temperature,
+            top_k=self.sampling.top_k,
+            top_p=self.sampling.top_p,
+            repetition_penalty=self.sampling.repetition_penalty,
+            stop_token_ids=self._stop_ids(),
+            seed=self.seed,
+        )
+        yield from stream
+        self.last_completion = stream.completion
+        if self.history:
+            self.turns.append({"role": "user", "content": question})
+            self.turns.append({"role": "assistant", "content": stream.completion.text})
+
+    def _stop_ids(self) -> list[int]:
+        if self.stop_token_ids is not None:
+            return list(self.stop_token_ids)
+        # a chat reply ends at <|im_end|> even when the checkpoint names only <|endoftext|> (a base model
+        # finetuned on chat data would otherwise run on)
+        ids = default_stop_ids(self.model, self.tokenizer)
+        return sorted(set(ids) | {self.tokenizer.im_end_id, self.tokenizer.endoftext_id})
+
+    def reply(self, question: str) -> str:
+        """The whole reply to `question` (non-streaming form of `ask`)."""
+        return "".join(self.ask(question))

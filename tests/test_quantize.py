@@ -1,0 +1,107 @@
+"""int8 weight-only quantization: the products, greedy agreement with fp32, and memory against bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen15 import Qwen
+from qwen15.config import get_preset
+from qwen15.generate import generate
+from qwen15.quantize import Int8Linear, quantize_int8, quantize_rows, weight_nbytes
+
+
+def test_rows_round_trip_within_half_a_step():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_rows(w)
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    assert ((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(dim=1) == 127).all()  # each row uses the full range
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_dequantized_product(dtype, bias):
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(96, 80, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 96, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(80, generator=g))
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 3, 96, generator=g).to(dtype)
+    deq = q.weight.float() * q.scales.float()[:, None]
+    ref = x.float() @ deq.T + (lin.bias.float() if bias else 0)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha", "tiny-gqa"])
+def test_greedy_agreement_with_fp32(name):
+    """A random tiny model has nearly flat logits, the hardest case for any approximation; we require most of
+    the teacher-forced top-1 predictions and of the free-running greedy tokens to agree."""
+    cfg = get_preset(name).replace(vocab_size=1000)
+    ref_model = Qwen.from_config(cfg, seed=0)
+    q = quantize_int8(Qwen.from_config(cfg, seed=0))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    ref = generate(ref_model, None, prompts, max_new_tokens=32, temperature=0, stop_token_ids=[])
+    out = generate(q, None, prompts, max_new_tokens=32, temperature=0, stop_token_ids=[])
+    agree = sum(a == b for r, o in zip(ref, out) for a, b in zip(r.token_ids, o.token_ids)) / (4 * 32)
+    seqs = torch.tensor([p[:5] + r.token_ids for p, r in zip(prompts, ref)])
+    with torch.no_grad():
+        forced = (ref_model(seqs).argmax(-1) == q(seqs).argmax(-1)).float().mean().item()
+    print(f"{name}: int8 greedy token agreement {agree:.0%}, teacher-forced top-1 agreement {forced:.1%}")
+    assert forced >= 0.9
+    assert agree >= 0.5
+    assert all(o.token_ids[0] == r.token_ids[0] for r, o in zip(ref, out))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
+def test_weights_take_half_of_bf16(name):
+    cfg = get_preset(name)
+    bf16 = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    before = weight_nbytes(bf16)
+    q = quantize_int8(bf16)
+    ratio = weight_nbytes(q) / before
+    print(f"{name}: int8 weights {ratio:.3f} of bf16")
+    assert ratio < 0.52
+    if cfg.tie_word_embeddings:  # the tied output layer reads the same int8 table
+        assert q.lm_head.weight.data_ptr() == q.embed_tokens.weight.data_ptr()
+
+
+def test_quantized_model_keeps_bf16_activations_and_generates():
+    cfg = get_preset("tiny").replace(vocab_size=1000)
+    q = quantize_int8(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16))
+    logits = q(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    out = generate(q, None, [1, 2, 3], max_new_tokens=4, temperature=0, stop_token_ids=[])
+    assert len(out.token_ids) == 4
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
+def test_cpu_prepacked_bf16_is_bit_identical(name):
+    from qwen15.quantize import PackedLinear, can_pack_for_cpu, pack_for_cpu
+
+    cfg = get_preset(name).replace(vocab_size=1000)
+    plain = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    packed = pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16))
+    if not can_pack_for_cpu(plain):
+        pytest.skip("oneDNN is not available in this build")
+    assert isinstance(packed.lm_head, PackedLinear) and isinstance(
+        packed.layers["0"].mlp.up_proj, PackedLinear
+    )
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(ids), packed(ids))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    a = generate(plain, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
+    b = generate(packed, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+def test_pack_leaves_fp32_models_alone():
+    from qwen15.quantize import pack_for_cpu
+
+    model = Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0)
+    assert isinstance(pack_for_cpu(model).lm_head, torch.nn.Linear)
