@@ -1,0 +1,213 @@
+"""Training-step throughput: qwen15's trainer step vs a plain transformers Qwen2ForCausalLM + torch AdamW loop.
+
+Both sides get the same shape, the same batch and the same work per step (forward, token-mean cross-entropy,
+backward, clip to global norm 1.0, AdamW), in the same process, interleaved, so that the ratio holds on a noisy
+shared machine. Ours is the real `Trainer.train_step` (micro-batching, global-token loss, clipping, AdamW with
+decay groups, schedule), fed by a dataset folder of random tokens.
+
+  python bench/train.py                 # CPU: tiny and a 0.5B-width 2-layer subset; GPU too when one exists
+  python bench/train.py --only cpu-tiny
+On CUDA: 0.5B at seq 4096, micro-batch 2, bf16 — ours with FSDP2 mixed precision (fp32 master weights) and
+torch.compile, transformers with bf16 parameters and AdamW (what ANCHORS.md measured) — with MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CASES = {
+    # name: (preset, layers override, batch, seq, device)
+    "cpu-demo": ("demo", None, 2, 256, "cpu"),  # the shape `qwen15 demo` trains (vocabulary 512)
+    "cpu-tiny": ("tiny", None, 4, 128, "cpu"),
+    "cpu-0.5b-2layers": ("qwen1.5-0.5b", 2, 1, 256, "cpu"),
+    "cuda-0.5b": ("qwen1.5-0.5b", None, 2, 4096, "cuda"),
+}
+
+
+def ours(case: str, tmp: Path, compile: bool = True):
+    from qwen15.demo.dataset import write_dataset
+    from qwen15.train.config import load_config
+    from qwen15.train.trainer import Trainer
+
+    preset, layers, batch, seq, device = CASES[case]
+    shape = []
+    if preset == "demo":
+        preset = "tiny"
+        for key, value in (
+            ("vocab_size", 512),
+            ("hidden_size", 128),
+            ("intermediate_size", 384),
+            ("num_hidden_layers", 4),
+            ("num_attention_heads", 4),
+            ("num_key_value_heads", 4),
+        ):
+            shape += [f"--model.{key}", str(value)]
+    vocab = 512 if shape else 151643
+    rows = np.random.default_rng(0).integers(0, vocab, (max(batch, 8), seq + 1)).astype(np.uint32)
+    data = write_dataset(tmp / case / "data", rows)
+    args = [
+        "--model.preset",
+        preset,
+        "--data.path",
+        str(data),
+        "--train.run_dir",
+        str(tmp / case / "run"),
+        "--train.global_batch_size",
+        str(batch),
+        "--train.micro_batch_size",
+        str(batch),
+        "--train.device",
+        device,
+        "--train.steps",
+        "1000",
+        "--optim.lr",
+        "1e-5",
+        "--metrics.plot",
+        "false",
+        "--metrics.tensorboard",
+        "false",
+        "--checkpoint.resume",
+        "never",
+    ]
+    args += shape
+    if layers:
+        args += ["--model.num_hidden_layers", str(layers)]
+    if device == "cuda" and compile:
+        args += ["--train.compile", "true"]
+    trainer = Trainer(load_config(None, args), echo=lambda m: None)
+    b = trainer.dataset.batch(list(range(batch)))
+
+    def step():
+        trainer.train_step(b)
+
+    return trainer, step, b
+
+
+def reference(case: str, b, trainer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = trainer.model_config
+    device = trainer.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = Qwen2Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        tie_word_embeddings=c.tie_word_embeddings,
+        max_position_embeddings=c.max_position_embeddings,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    ids = b["input_ids"].to(device)
+    labels = ids.clone()  # transformers shifts labels itself: the same number of predicted tokens
+
+    def step():
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())  # the trainer reads its loss every step too
+
+    return step
+
+
+def timed(step, device, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def run_case(case: str, reps: int, tmp: Path, compile: bool = True) -> dict:
+    from qwen15.train.metrics import flops_per_token, peak_tflops
+
+    trainer, ours_step, b = ours(case, tmp, compile)
+    ref_step = reference(case, b, trainer)
+    tokens = b["input_ids"].numel()
+    cuda = trainer.device.type == "cuda"
+    peaks = {}
+    for name, step in (("ours", ours_step), ("ref", ref_step)) * 2:  # warm-up (compile, allocator)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        if cuda:
+            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    t_ours, t_ref = [], []
+    for _ in range(reps):  # interleaved so that machine noise hits both alike
+        t_ours += timed(ours_step, trainer.device, 1)
+        t_ref += timed(ref_step, trainer.device, 1)
+    ours_tps, ref_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
+    row = {
+        "case": case,
+        "tokens": tokens,
+        "ours": ours_tps,
+        "transformers": ref_tps,
+        "ratio": ours_tps / ref_tps,
+    }
+    if cuda:  # both models live on the device at once: each peak includes the other's resident state
+        row["peak_gib"] = peaks
+    peak = peak_tflops(trainer.device)
+    if peak:
+        fpt = flops_per_token(trainer.model_config, trainer.seq_length)
+        row["mfu_ours"] = fpt * ours_tps / (peak * 1e12)
+        row["mfu_transformers"] = fpt * ref_tps / (peak * 1e12)
+    trainer.close()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=list(CASES), action="append")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="CUDA case: our blocks eager")
+    args = parser.parse_args()
+    cases = args.only or [c for c in CASES if not c.startswith("cuda") or torch.cuda.is_available()]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            r = run_case(case, args.reps, Path(tmp), not args.no_compile)
+            mfu = (
+                f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%"
+                if "mfu_ours" in r
+                else ""
+            )
+            if "peak_gib" in r:
+                mfu += f", peak GiB during step: ours {r['peak_gib']['ours']:.1f}, ref {r['peak_gib']['ref']:.1f}"
+            print(
+                f"{case}: {r['tokens']} tokens/step | qwen15 {r['ours']:,.0f} tok/s | transformers+AdamW "
+                f"{r['transformers']:,.0f} tok/s | ratio {r['ratio']:.2f}x{mfu}",
+                flush=True,
+            )
+    if not torch.cuda.is_available():
+        print("no GPU here: the CUDA case (0.5B, seq 4096, bf16) was not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

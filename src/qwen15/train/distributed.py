@@ -1,0 +1,111 @@
+"""Process group and device mesh: one process (`python -m qwen15 train`) or many (`torchrun`, one or many nodes).
+
+The device mesh is built here and only here, with named dimensions: "dp_shard" (FSDP2 data parallel) today;
+"dp_replicate", "tp" and "pp" join it when tensor and pipeline parallelism arrive (qwen15.parallel).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from qwen15.errors import UserError
+
+
+class DistributedError(UserError):
+    """A launch or parallel layout that cannot work; the message says what to change."""
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool  # we created it, so we destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistEnv:
+    """Join (or create) the default process group: NCCL on GPUs (gloo beside it for CPU tensors), gloo on CPU.
+
+    Under torchrun the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) says who we are; a
+    plain single process gets a one-member group, so the same code runs in both cases. A process group that is
+    already initialised (tests, notebooks) is used as it is.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistributedError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible; start at most "
+                "that many processes per node (torchrun --nproc-per-node)"
+            )
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    owns = False
+    if not dist.is_initialized():
+        owns = True
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, init_method="env://")
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_mesh(env: DistEnv, dp_shard: int) -> DeviceMesh:
+    """The device mesh of the run: ("dp_shard",) over all processes (the only dimension so far)."""
+    if dp_shard == -1:
+        dp_shard = env.world_size
+    if dp_shard != env.world_size:
+        raise DistributedError(
+            f"parallel.dp_shard is {dp_shard} but {env.world_size} processes were started; data parallel is "
+            "the only parallelism so far, so dp_shard must equal the number of processes (or be -1)"
+        )
+    return init_device_mesh(env.device.type, (dp_shard,), mesh_dim_names=("dp_shard",))
+
+
+def dp_info(mesh: DeviceMesh) -> tuple[int, int]:
+    """(rank, size) of this process along the data-parallel dimensions of the mesh."""
+    dp = mesh["dp_shard"]
+    return dp.get_local_rank(), dp.size()
+
+
+def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None = None) -> torch.Tensor:
+    """Sum over the data-parallel group (in place; returned for chaining)."""
+    group = mesh["dp_shard"].get_group() if mesh is not None else None
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,435 @@
+"""The training loop: data -> forward/backward over micro-batches -> clip -> AdamW -> metrics -> checkpoints.
+
+One `Trainer` per process; every process runs the same code (SPMD). The forward/backward of one step lives in
+`forward_backward` and the loss in qwen15.train.loss, the two places pipeline and tensor parallelism replace.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwen15.atomic import atomic_write_text
+from qwen15.config import IM_END_ID, ModelConfig, get_preset
+from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
+from qwen15.errors import UserError
+from qwen15.model import Qwen
+from qwen15.train import distributed as D
+from qwen15.train.checkpointing import CheckpointManager, resolve_checkpoint
+from qwen15.train.config import TrainConfig, TrainConfigError
+from qwen15.train.loss import count_targets, micro_batch_loss
+from qwen15.train.metrics import (
+    MetricsLogger,
+    StepTimer,
+    flops_per_token,
+    memory_gb,
+    peak_tflops,
+    plot_loss_curve,
+    read_metrics,
+)
+from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from qwen15.train.parallelize import parallelize
+from qwen15.train.weights import init_weights, load_hf_weights
+
+SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # updates done in total (including those before a resume)
+    losses: list[float] = field(default_factory=list)  # loss of each update this invocation made
+    last_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor | None]],
+    global_targets: torch.Tensor,
+    loss_chunk_size: int = 0,
+) -> torch.Tensor:
+    """Forward and backward of every micro-batch of this rank for one step; gradients accumulate in the
+    parameters. Returns this rank's part of the global token-mean loss (detached)."""
+    total = torch.zeros((), dtype=torch.float32, device=global_targets.device)
+    for mb in micro_batches:
+        loss = micro_batch_loss(model, mb, global_targets, loss_chunk_size)
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def model_config_from(cfg: TrainConfig) -> ModelConfig:
+    m = cfg.model
+    if m.path is not None:
+        config = ModelConfig.from_json_file(Path(m.path) / "config.json")
+    elif m.config is not None:
+        config = ModelConfig.from_json_file(m.config)
+    else:
+        config = get_preset(m.preset)
+    changes = {k: getattr(m, k) for k in SHAPE_KEYS if getattr(m, k) is not None}
+    if changes and m.path is not None:
+        raise TrainConfigError(
+            f"model.{next(iter(changes))}: shape overrides cannot be combined with model.path (the weights fix "
+            "the shape); remove them"
+        )
+    return config.replace(**changes) if changes else config
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, echo=print):
+        self.cfg = cfg
+        self.env = D.init_distributed(cfg.train.device)
+        self._echo = echo
+        try:
+            self._setup()
+        except BaseException:
+            D.teardown(self.env)
+            raise
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            self._echo(message)
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.mesh = D.build_mesh(env, cfg.parallel.dp_shard)
+        self.dp_rank, self.dp_size = D.dp_info(self.mesh)
+        self.device = env.device
+        self.compute_dtype = {
+            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float32": torch.float32,
+        }[cfg.train.dtype]
+
+        self.dataset = TokenDataset(cfg.data.path)
+        self.seq_length = self.dataset.seq_length
+        if cfg.data.seq_length is not None and cfg.data.seq_length != self.seq_length:
+            raise TrainConfigError(
+                f"data.seq_length is {cfg.data.seq_length} but {cfg.data.path} was built with seq_length "
+                f"{self.seq_length}; preprocess the data again with --seq-length {cfg.data.seq_length}"
+            )
+        gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        if gbs % (self.dp_size * mbs):
+            raise TrainConfigError(
+                f"train.global_batch_size {gbs} must be a multiple of data-parallel size {self.dp_size} x "
+                f"train.micro_batch_size {mbs}"
+            )
+        self.accumulation = gbs // (self.dp_size * mbs)
+        self.sampler = RowSampler(
+            len(self.dataset),
+            gbs,
+            dp_rank=self.dp_rank,
+            dp_world=self.dp_size,
+            seed=cfg.data.seed,
+            shuffle=cfg.data.shuffle,
+        )
+
+        self.model_config = model_config_from(cfg)
+        if self.seq_length > self.model_config.max_position_embeddings:
+            raise TrainConfigError(
+                f"the dataset's seq_length {self.seq_length} exceeds the model's max_position_embeddings "
+                f"{self.model_config.max_position_embeddings}"
+            )
+        data_vocab = self.dataset.meta.get("vocab_size")
+        if isinstance(data_vocab, int) and data_vocab > self.model_config.vocab_size:
+            raise TrainConfigError(
+                f"{cfg.data.path}: the tokenizer of the data has {data_vocab} tokens but the model has only "
+                f"{self.model_config.vocab_size} embedding rows (model.vocab_size)"
+            )
+        self.tokenizer_dir = self._prepare_tokenizer()
+        self.chat = self._is_chat()
+
+        with torch.device("meta"):
+            model = Qwen(self.model_config)
+        parallelize(
+            model,
+            self.mesh,
+            compute_dtype=self.compute_dtype,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            compile=cfg.train.compile,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+        )
+        model.to_empty(device=self.device)
+        model.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them tied)
+        if cfg.model.path is not None:
+            self.log(f"loading weights from {cfg.model.path}")
+            load_hf_weights(model, cfg.model.path)
+        else:
+            init_weights(model, cfg.model.init_seed)
+        model.train()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env)
+        self.checkpoints.remove_partial()
+        self.resumed_from = self._resume()
+        if env.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())
+        self.metrics = MetricsLogger(
+            cfg.run_dir,
+            enabled=env.is_main,
+            tensorboard=cfg.metrics.tensorboard,
+            resume_step=self.step,
+            echo=self._echo,
+        )
+        self.flops_per_token = flops_per_token(self.model_config, self.seq_length)
+        self.peak = peak_tflops(self.device, cfg.metrics.peak_tflops)
+        n = self.model_config.num_params()
+        self.log(
+            f"{cfg.train.mode}: {n / 1e6:,.1f}M parameters, {env.world_size} process(es) on {self.device.type} "
+            f"(dp_shard {self.dp_size}), {str(self.compute_dtype).removeprefix('torch.')} compute; "
+            f"{gbs} rows x {self.seq_length} tokens per step ({self.accumulation} micro-batch(es) of {mbs} per "
+            f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
+        )
+
+    def _prepare_tokenizer(self) -> Path | None:
+        """Save the run's tokenizer once in the run directory (checkpoints and exports copy it from there), and
+        refuse data tokenized by another tokenizer."""
+        source = self.cfg.model.tokenizer
+        if source is None and self.cfg.model.path is not None:
+            folder = Path(self.cfg.model.path)
+            has_files = any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+            source = self.cfg.model.path if has_files else None
+        if source is None:
+            self.log(
+                "no tokenizer given (model.tokenizer): checkpoints and exports will hold no tokenizer files"
+            )
+            return None
+        from qwen15.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(source)
+        expected = self.dataset.meta.get("tokenizer_fingerprint")
+        if expected and expected != tokenizer.fingerprint:
+            raise DatasetError(
+                f"{self.cfg.data.path} was built with another tokenizer (fingerprint {expected}) than {source} "
+                f"({tokenizer.fingerprint}); preprocess the data again with the model's tokenizer"
+            )
+        folder = self.cfg.run_dir / "tokenizer"
+        if self.env.is_main:
+            tmp = folder.with_name(".tokenizer.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        D.barrier()
+        return folder
+
+    def _is_chat(self) -> bool:
+        if self.cfg.model.chat is not None:
+            return self.cfg.model.chat
+        if self.dataset.meta.get("type") in ("chat", "qa"):
+            return True
+        return IM_END_ID in self.model_config.eos_token_ids  # finetuning a Chat model keeps it one
+
+    def _resume(self) -> Path | None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        path = self.checkpoints.latest() if resume == "auto" else resolve_checkpoint(resume)
+        if path is None:
+            return None
+        saved = ModelConfig.from_json_file(path / "config.json")
+        diff = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(self.model_config, k)]
+        if diff:
+            raise TrainConfigError(
+                f"{path}: the checkpoint's model differs from this run's in {', '.join(diff)}; resume with the "
+                "same model, or start a new run directory (--train.run_dir) / --checkpoint.resume never"
+            )
+        self.log(f"resuming from {path}")
+        state = self.checkpoints.load(path, self.model, self.optimizer)
+        for group in self.optimizer.param_groups:  # this run's settings, not the checkpoint's
+            group["betas"], group["eps"] = tuple(self.cfg.optim.betas), self.cfg.optim.eps
+        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.optim.weight_decay
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except DatasetError as e:
+            raise DatasetError(f"{path}: {e}") from None
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        if state["world_size"] != self.env.world_size:
+            self.log(
+                f"the checkpoint was written by {state['world_size']} process(es), this run has "
+                f"{self.env.world_size}: weights and optimizer were resharded; the data order continues at row "
+                f"{self.sampler.position} of the global order"
+            )
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def micro_batches(self, batch: dict[str, torch.Tensor | None]) -> list[dict[str, torch.Tensor | None]]:
+        vocab = self.model_config.vocab_size
+        if int(batch["input_ids"].max()) >= vocab:
+            raise DatasetError(
+                f"{self.cfg.data.path}: token id {int(batch['input_ids'].max())} is beyond the model's "
+                f"{vocab} embedding rows; was the data built with another tokenizer?"
+            )
+        mbs = self.cfg.train.micro_batch_size
+        out = []
+        for i in range(0, len(batch["input_ids"]), mbs):
+            out.append(
+                {
+                    k: (None if v is None else v[i : i + mbs].to(self.device, non_blocking=True))
+                    for k, v in batch.items()
+                }
+            )
+        return out
+
+    def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
+        """One optimizer update from this rank's rows of the global batch. Raises TrainingDiverged, leaving the
+        weights untouched, when the loss or the gradient norm is not finite."""
+        micro = self.micro_batches(batch)
+        targets = sum(count_targets(mb["labels"]) for mb in micro).to(self.device)
+        D.all_reduce_sum(targets, self.mesh)
+        local = forward_backward(self.model, micro, targets, self.cfg.train.loss_chunk_size)
+        loss = float(D.all_reduce_sum(local, self.mesh))
+        if not math.isfinite(loss):
+            self._diverged(f"the loss is {loss}")
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip_grad_norm)
+        if not math.isfinite(grad_norm):
+            self._diverged(f"the gradient norm is {grad_norm}")
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        if int(targets) > 0:
+            self.optimizer.step()
+        else:
+            self.log(f"step {self.step + 1}: no label carries loss in this global batch; update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.cfg.train.global_batch_size * self.seq_length
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "targets": int(targets)}
+
+    def _diverged(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        last = self.checkpoints.latest()
+        raise TrainingDiverged(
+            f"{what} at step {self.step + 1}; training stopped before applying it. The last good checkpoint is "
+            f"{last if last else '(none saved yet)'}. Lower optim.lr or raise optim.warmup_steps, check the data "
+            "for corrupt rows, and resume (--checkpoint.resume auto)."
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "world_size": self.env.world_size,
+            "dp_size": self.dp_size,
+            "sampler": self.sampler.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "seq_length": self.seq_length,
+            "dataset": str(self.cfg.data.path),
+            "mode": self.cfg.train.mode,
+            "chat": self.chat,
+            "generation": self._generation_settings(),
+        }
+        return self.checkpoints.save(
+            self.step, self.model, self.optimizer, state, self._write_checkpoint_files
+        )
+
+    def _generation_settings(self) -> dict[str, Any]:
+        g = self.cfg.generation
+        return {
+            "do_sample": g.do_sample,
+            "temperature": g.temperature,
+            "top_p": g.top_p,
+            "top_k": g.top_k,
+            "repetition_penalty": g.repetition_penalty,
+            "max_new_tokens": g.max_new_tokens,
+        }
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        self.model_config.save_json(folder / "config.json")
+        atomic_write_text(folder / "train_config.yaml", self.cfg.to_yaml())
+        if self.tokenizer_dir is not None:
+            for f in self.tokenizer_dir.iterdir():
+                shutil.copyfile(f, folder / f.name)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        total = cfg.train.steps
+        result = TrainResult(cfg.run_dir, self.step, resumed_from=self.resumed_from)
+        timer = StepTimer()
+        saved_at = self.step if self.resumed_from else -1
+        start = self.step
+        end = min(total, cfg.train.stop_at or total)
+        while self.step < end:
+            batch = self.dataset.batch(self.sampler.next_batch())
+            stats = self.train_step(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = timer.lap()
+            result.losses.append(stats["loss"])
+            tokens_per_s = cfg.train.global_batch_size * self.seq_length / dt / self.env.world_size
+            mean_dt = timer.mean()
+            record = {
+                "step": self.step,
+                "loss": stats["loss"],
+                "lr": stats["lr"],
+                "grad_norm": stats["grad_norm"],
+                "targets": stats["targets"],
+                "tokens_seen": self.tokens_seen,
+                "step_s": dt,
+                "tokens_per_s_per_device": tokens_per_s,
+                "mfu": (self.flops_per_token * tokens_per_s / (self.peak * 1e12)) if self.peak else None,
+                "memory_gb": memory_gb(self.device),
+                "eta_s": mean_dt * (total - self.step),
+                "time": time.time(),
+            }
+            self.metrics.log(record)
+            if self.step % cfg.metrics.log_every == 0 or self.step == total or self.step == start + 1:
+                self.metrics.line(record, total)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                result.last_checkpoint = self.save_checkpoint()
+                saved_at = self.step
+        if (cfg.checkpoint.save_at_end or self.step < total) and saved_at != self.step:
+            result.last_checkpoint = self.save_checkpoint()
+        result.last_checkpoint = result.last_checkpoint or self.checkpoints.latest()
+        result.step = self.step
+        if self.env.is_main and cfg.metrics.plot:
+            png = plot_loss_curve(read_metrics(self.metrics.path), cfg.run_dir / "loss_curve.png")
+            if png is not None:
+                self.log(f"loss curve: {png}")
+        if result.last_checkpoint is not None:
+            self.log(f"checkpoint: {result.last_checkpoint}")
+        return result
+
+    def close(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        D.teardown(self.env)
+
+
+def train(cfg: TrainConfig, *, echo=print) -> TrainResult:
+    """Run a whole training (this process's part of it); the process group is left as it was found."""
+    trainer = Trainer(cfg, echo=echo)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
