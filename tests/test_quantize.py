@@ -100,8 +100,29 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
 
 
-def test_pack_leaves_fp32_models_alone():
-    from qwen15.quantize import pack_for_cpu
+def test_cpu_prepacked_fp32_equals_plain_to_rounding():
+    """fp32 prepacked for oneDNN: a different kernel (and summation order) than torch's matrix-vector product,
+    so equal to fp32 rounding, with the same greedy tokens."""
+    from qwen15.quantize import PackedLinear, can_pack_for_cpu, pack_for_cpu
 
-    model = Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0)
-    assert isinstance(pack_for_cpu(model).lm_head, torch.nn.Linear)
+    cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
+    plain = Qwen.from_config(cfg, seed=0)
+    if not can_pack_for_cpu(plain):
+        pytest.skip("oneDNN is not available in this build")
+    packed = pack_for_cpu(Qwen.from_config(cfg, seed=0))
+    assert isinstance(packed.layers["0"].self_attn.q_proj, PackedLinear)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(ids), packed(ids)
+    assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    x = generate(plain, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
+    y = generate(packed, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
+    assert [r.token_ids for r in x] == [r.token_ids for r in y]
+
+
+def test_pack_leaves_gpu_and_int8_models_alone():
+    from qwen15.quantize import pack_for_cpu, quantize_int8
+
+    model = quantize_int8(Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0))
+    assert not any(type(m).__name__ == "PackedLinear" for m in pack_for_cpu(model).modules())

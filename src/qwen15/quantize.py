@@ -104,7 +104,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear with its bf16 weight prepacked for oneDNN (CPU only)."""
+    """nn.Linear with its weight (bf16 or fp32) prepacked for oneDNN (CPU only)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -121,12 +121,17 @@ class PackedLinear(nn.Module):
 
 def can_pack_for_cpu(model: nn.Module) -> bool:
     p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return (
+        p.device.type == "cpu"
+        and p.dtype in (torch.bfloat16, torch.float32)
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 def pack_for_cpu(model: nn.Module) -> nn.Module:
-    """Prepack a CPU bf16 model's matrices (output layer included) for oneDNN, in place; other models are
-    returned unchanged. A tied output layer gets its own packed copy (the embedding lookup keeps the table)."""
+    """Prepack a CPU bf16 or fp32 model's matrices (output layer included) for oneDNN, in place; other models
+    are returned unchanged. bf16: a plain weight is reordered by oneDNN on every call; fp32: torch's default
+    matrix-vector product uses one thread for these shapes here, oneDNN's uses all of them (bench/RESULTS.md). A tied output layer gets its own packed copy (the embedding lookup keeps the table)."""
     if not can_pack_for_cpu(model):
         return model
     for block in model.layers.values():

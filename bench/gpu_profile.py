@@ -1,0 +1,271 @@
+"""Where the GPU time goes: training-step variants and the decode loop, for the next round of speed work.
+
+  python bench/gpu_profile.py [train] [decode] [decode-tuned] [decode-fused] [decode-kernels]
+  (on a CUDA machine; on CPU it runs small shapes, to test the script)
+
+Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as bench/train.py):
+  transformers  bf16 parameters + torch AdamW (the reference)
+  fsdp          our trainer as shipped on one GPU: FSDP2 mixed precision (fp32 master, bf16 compute) + compile
+  fsdp-keep     the same, gathered weights kept from forward to backward (parallel.reshard_after_forward false)
+  autocast      our trainer on the plain module (fp32 parameters, no FSDP) under torch.autocast(bf16) + compile
+then a profiler table of one `fsdp` step (top kernels by GPU time) and GPU busy time over wall time.
+Decode, 0.5B bf16 batch 1: the whole generate loop vs replaying the compiled step alone (what the loop adds);
+decode-tuned: the same with inductor's coordinate-descent tuning of its generated kernels; decode-fused: one
+matrix for q/k/v and one for gate/up; decode-kernels: compiled without CUDA graphs, a profiler table of kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+spec = importlib.util.spec_from_file_location("train_bench", HERE / "train.py")
+train_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_bench)
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def trainer_variant(name: str, tmp: Path):
+    """(trainer, step) for one variant of our training step on the bench's 0.5B case."""
+    from qwen15.train.trainer import Trainer
+
+    case = "cuda-0.5b" if CUDA else "cpu-demo"
+    extra = {
+        "fsdp": [],
+        "fsdp-keep": ["--parallel.reshard_after_forward", "false"],
+        "autocast": ["--train.dtype", "float32"],
+    }[name]
+    import qwen15.train.config as config_module
+
+    original = config_module.load_config
+    config_module.load_config = lambda path, args: original(path, args + extra)
+    try:  # bench/train.py builds the trainer from command-line style overrides: add the variant's
+        trainer, step, batch = train_bench.ours(case, tmp / name)
+    finally:
+        config_module.load_config = original
+    assert isinstance(trainer, Trainer)
+    if name == "autocast":
+
+        def step(trainer=trainer, batch=batch):
+            with torch.autocast(DEV.type, dtype=torch.bfloat16):
+                trainer.train_step(batch)
+
+    return trainer, step, batch
+
+
+def train_part(tmp: Path, reps: int) -> None:
+    print("== training step variants", flush=True)
+    steps, trainers, batch = {}, [], None
+    for name in ("fsdp", "fsdp-keep", "autocast"):
+        try:
+            t0 = time.perf_counter()
+            trainer, step, batch = trainer_variant(name, tmp)
+            for _ in range(2):
+                step()  # compile and warm up
+            sync()
+            print(f"{name}: ready in {time.perf_counter() - t0:.0f} s", flush=True)
+            steps[name], trainers = step, trainers + [trainer]
+        except Exception as e:  # one broken variant must not hide the others
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+    ref = train_bench.reference("cuda-0.5b", batch, trainers[0])
+    ref()
+    ref()
+    steps["transformers"] = ref
+    times = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, step in steps.items():
+            times[k] += train_bench.timed(step, DEV, 1)
+    tokens = batch["input_ids"].numel()
+    base = tokens / statistics.median(times["transformers"])
+    for k, ts in times.items():
+        tps = tokens / statistics.median(ts)
+        print(f"  {k:13s} {tps:10,.0f} tok/s  {tps / base:.2f}x transformers", flush=True)
+
+    if CUDA:
+        from torch.profiler import ProfilerActivity, profile
+
+        step = steps["fsdp"]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            step()
+            sync()
+            wall = time.perf_counter() - t
+        events = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        print(
+            f"fsdp step under the profiler: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms", flush=True
+        )
+        print(
+            events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True
+        )
+    for trainer in trainers:
+        trainer.close()
+
+
+def fuse_projections(model) -> None:
+    """Experiment: one matrix for q/k/v and one for gate/up in every block (fewer, larger kernels per decode
+    step), by replacing the blocks' forward methods on the instances; the outputs are the same."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from qwen15.model import apply_rotary
+
+    for block in model.layers.values():
+        a, m = block.self_attn, block.mlp
+        sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+        qkv = nn.Linear(a.q_proj.in_features, sum(sizes), device=a.q_proj.weight.device)
+        qkv.weight.data = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        qkv.bias.data = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
+        inter = m.gate_proj.out_features
+        gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
+
+        def attn_forward(x, cos, sin, mask, kv_cache=None, cache_positions=None, key_len=None, a=a, qkv=qkv,
+                         sizes=sizes):  # fmt: skip
+            b, s, _ = x.shape
+            q, k, v = (t.view(b, s, -1, a.head_dim).transpose(1, 2) for t in qkv(x).split(sizes, dim=-1))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(a.layer_idx, cache_positions, k, v)
+                if key_len is not None:
+                    k, v = k[:, :, :key_len], v[:, :, :key_len]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+            )
+            return a.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+        def mlp_forward(x, m=m, w=gate_up, inter=inter):
+            g, u = F.linear(x, w).split(inter, dim=-1)
+            return m.down_proj(F.silu(g) * u)
+
+        a.forward, m.forward = attn_forward, mlp_forward
+
+
+def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool = False) -> None:
+    print(
+        f"== decode loop vs compiled step alone; inductor options {options or 'of mode reduce-overhead'}",
+        flush=True,
+    )
+    from qwen15 import Qwen
+    from qwen15.config import get_preset
+    from qwen15.generate import Generator
+    from qwen15.sampling import SamplingParams
+
+    cfg = get_preset("qwen1.5-0.5b" if CUDA else "tiny")
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    model = Qwen.from_config(cfg, dtype=dtype, device=DEV)
+    if fused:
+        print("fused q/k/v and gate/up matrices", flush=True)
+        fuse_projections(model)
+    engine = Generator(model, None, compile=True)
+    if options:
+        from qwen15.generate import decode_one_token
+
+        engine._step = torch.compile(decode_one_token, options=options, fullgraph=True, dynamic=False)
+    prompt = torch.randint(0, 151000, (1, 32)).tolist()
+    kw = dict(sampling=SamplingParams(), stop_token_ids=[])
+    t0 = time.perf_counter()
+    engine.generate(prompt, max_new_tokens=new_tokens, **kw)  # compile
+    print(f"first generate (compile) {time.perf_counter() - t0:.0f} s", flush=True)
+    best = {}
+    for k in (new_tokens, 1):
+        runs = []
+        for _ in range(3):
+            sync()
+            t = time.perf_counter()
+            engine.generate(prompt, max_new_tokens=k, **kw)
+            sync()
+            runs.append(time.perf_counter() - t)
+        best[k] = min(runs)
+    loop = (new_tokens - 1) / (best[new_tokens] - best[1])
+    cache, key_mask = engine._buffers
+    step = engine._compiled_step()
+    tokens = torch.zeros(1, dtype=torch.long, device=DEV)
+    pos = torch.full((1,), 40, device=DEV)
+    slot = torch.tensor([40], device=DEV)
+    with torch.inference_mode():
+        for _ in range(3):
+            if CUDA:
+                torch.compiler.cudagraph_mark_step_begin()
+            step(model, cache, tokens, pos, slot, key_mask)
+        sync()
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            if CUDA:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(model, cache, tokens, pos, slot, key_mask)
+            tokens = logits.argmax(-1)
+        sync()
+        replay = new_tokens / (time.perf_counter() - t)
+        if CUDA:
+            graph_start, graph_end = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+            graph_start.record()
+            for _ in range(new_tokens):
+                torch.compiler.cudagraph_mark_step_begin()
+                logits = step(model, cache, tokens, pos, slot, key_mask)
+            graph_end.record()
+            sync()
+            gpu = new_tokens / (graph_start.elapsed_time(graph_end) / 1e3)
+        else:
+            gpu = float("nan")
+    if CUDA and options is not None and not options.get("triton.cudagraphs", True):
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(16):
+                logits = step(model, cache, tokens, pos, slot, key_mask)
+            sync()
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / 16
+        print(f"kernels per decode step (compiled, no CUDA graph): {kernels:.0f}", flush=True)
+        print(
+            events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70), flush=True
+        )
+    print(
+        f"generate loop {loop:,.0f} tok/s | compiled step replayed back to back {replay:,.0f} tok/s "
+        f"(argmax between steps, no host sync) | replays without argmax {gpu:,.0f} tok/s",
+        flush=True,
+    )
+
+
+def main() -> int:
+    name = torch.cuda.get_device_name() if CUDA else "CPU"
+    print(f"# gpu_profile on {name}, torch {torch.__version__}", flush=True)
+    parts = sys.argv[1:] or ["train", "decode"]
+    tuned = {"triton.cudagraphs": CUDA, "coordinate_descent_tuning": True}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            "train": lambda: train_part(Path(tmp), 5),
+            "decode": decode_part,
+            "decode-tuned": lambda: decode_part(options=tuned),
+            "decode-fused": lambda: decode_part(fused=True),
+            "decode-kernels": lambda: decode_part(new_tokens=32, options={"triton.cudagraphs": False}),
+        }
+        for part in (runs[p] for p in parts):
+            try:
+                part()
+            except Exception:
+                import traceback
+
+                traceback.print_exc()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
