@@ -81,7 +81,7 @@ def check_logits(device) -> None:
 
 
 def check_greedy(device) -> None:
-    from qwen15.generate import Generator
+    from qwen15.generation import Generator
     from qwen15.sampling import SamplingParams
 
     cfg = get_preset("tiny-gqa").replace(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None)
@@ -105,7 +105,7 @@ def check_greedy(device) -> None:
 
 
 def check_int8(device) -> None:
-    from qwen15.generate import Generator
+    from qwen15.generation import Generator
     from qwen15.quantize import quantize_int8, weight_nbytes
     from qwen15.sampling import SamplingParams
 

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     import transformers
 
     from qwen15.config import get_preset
-    from qwen15.generate import Generator
+    from qwen15.generation import Generator
     from qwen15.sampling import SamplingParams
 
     if args.threads:
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         if current != (dname, int8):
             hf = ours = None
             hf = hf_model(cfg, dtype, device)
-            ours = ours_sharing(hf, cfg)
+            ours = ours_sharing(hf, cfg).fuse_projections()  # as the CLI runs it
             if int8:
                 from qwen15.quantize import quantize_int8
 

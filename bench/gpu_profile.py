@@ -161,7 +161,7 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
     )
     from qwen15 import Qwen
     from qwen15.config import get_preset
-    from qwen15.generate import Generator
+    from qwen15.generation import Generator
     from qwen15.sampling import SamplingParams
 
     cfg = get_preset("qwen1.5-0.5b" if CUDA else "tiny")
@@ -172,7 +172,7 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
         fuse_projections(model)
     engine = Generator(model, None, compile=True)
     if options:
-        from qwen15.generate import decode_one_token
+        from qwen15.generation import decode_one_token
 
         engine._step = torch.compile(decode_one_token, options=options, fullgraph=True, dynamic=False)
     prompt = torch.randint(0, 151000, (1, 32)).tolist()

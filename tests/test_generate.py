@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwen15.config import get_preset
-from qwen15.generate import Completion, GenerationError, Generator, generate, stream_generate
+from qwen15.generation import Completion, GenerationError, Generator, generate, stream_generate
 from qwen15.sampling import SamplingParams
 
 from conftest import SHARED_TOKENIZER, load_into_ours, random_hf_model
@@ -340,3 +340,12 @@ def test_cli_generate_bad_model_folder_is_one_line(tmp_path):
 def test_saved_generation_config_roundtrip(tiny_dir):
     gc = json.loads((tiny_dir / "generation_config.json").read_text())
     assert gc["eos_token_id"] == [151645, 151643]
+
+
+def test_public_api_exports_the_functions():
+    """`from qwen15 import generate` is the function (not a submodule of the same name)."""
+    import qwen15.generation  # noqa: F401  (importing the engine first must not change what the package exports)
+    from qwen15 import generate as exported
+    from qwen15 import stream_generate as exported_stream
+
+    assert exported is generate and exported_stream is stream_generate

@@ -236,7 +236,7 @@ def _inference_job(mesh, names):
         out[f"{name}/cache_heads"] = cache.k[0].shape[1]
         out[f"{name}/local_kv_heads"] = local_kv_heads(model)
         try:
-            from qwen15.generate import generate
+            from qwen15.generation import generate
         except ImportError:
             continue
         try:  # the inference engine's own loop (left padding, its cache), when it supports a split model
@@ -554,12 +554,12 @@ def test_tensor_parallel_greedy_decoding_matches_one_process(two):
 
 
 def test_generate_on_a_tensor_parallel_model(two):
-    generate = pytest.importorskip("qwen15.generate").generate
+    generate = pytest.importorskip("qwen15.generation").generate
     for name in ("tied", "gqa"):
         got = two[0]["inference"]
         if f"{name}/generate_error" in got:
             pytest.xfail(
-                "qwen15.generate preallocates the KV cache with config.num_key_value_heads; a tensor-parallel "
+                "qwen15.generation preallocates the KV cache with config.num_key_value_heads; a tensor-parallel "
                 "rank holds num_key_value_heads / tp heads (qwen15.parallel.inference.local_kv_heads): "
                 + got[f"{name}/generate_error"]
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -103,7 +104,9 @@ def test_cli_eval_ppl(tmp_path, tokenizer):
     assert proc.returncode == 0, proc.stderr
     ids = tokenizer.encode(text)
     expected = perplexity(model, ids, seq_length=64, stride=32, progress=False)
-    assert f"perplexity: {expected.perplexity:.4f}" in proc.stdout
+    # the CLI fuses and prepacks the matrices for oneDNN (other fp32 kernels): equal to fp32 rounding
+    printed = float(re.search(r"perplexity: ([0-9.]+)", proc.stdout).group(1))
+    assert printed == pytest.approx(expected.perplexity, rel=1e-6)
     assert f"tokens: {len(ids)} in the text, {len(ids) - 1} scored" in proc.stdout
     assert "perplexity:" in proc.stderr  # the progress bar
     missing = subprocess.run(

@@ -55,6 +55,20 @@ def test_every_shipped_recipe_parses_and_validates():
     assert load_config(ROOT / "configs/pretrain_7b.yaml").data.seq_length == 32768
 
 
+def test_a_model_given_on_the_command_line_replaces_the_recipes():
+    """`--config tiny --model.path DIR`: the tiny recipe names a preset; the command line's folder wins."""
+    from qwen15.train.config import TrainConfigError, load_config
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["--model.path", "some/folder", "--train.mode", "finetune"])
+    assert cfg.model.path == "some/folder" and cfg.model.preset is None
+    cfg = load_config(
+        ROOT / "configs/finetune_7b.yaml", ["--model.preset", "tiny", "--train.mode", "pretrain"]
+    )
+    assert cfg.model.preset == "tiny" and cfg.model.path is None
+    with pytest.raises(TrainConfigError, match="exactly one"):  # both on the command line: still refused
+        load_config(ROOT / "configs/tiny.yaml", ["--model.path", "x", "--model.preset", "tiny"])
+
+
 def test_unknown_and_ill_typed_keys_name_the_key_and_line(tmp_path):
     from qwen15.train.config import TrainConfigError, load_config
 
@@ -85,7 +99,7 @@ def test_unknown_and_ill_typed_keys_name_the_key_and_line(tmp_path):
     ):
         load_config(good, ["--train.global_batch_size", "6", "--train.micro_batch_size", "4"])
     with pytest.raises(TrainConfigError, match="exactly one of model.preset"):
-        load_config(good, ["--model.path", "somewhere"])
+        load_config(good, ["--model.path", "somewhere", "--model.config", "c.json"])
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):

@@ -17,8 +17,8 @@ _LAZY = {
     "get_preset": "qwen15.config",
     "PRESETS": "qwen15.config",
     "Tokenizer": "qwen15.tokenizer",
-    "generate": "qwen15.generate",
-    "stream_generate": "qwen15.generate",
+    "generate": "qwen15.generation",
+    "stream_generate": "qwen15.generation",
 }
 
 __all__ = list(_LAZY)

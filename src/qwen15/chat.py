@@ -14,7 +14,7 @@ from typing import Any
 
 from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
 from qwen15.errors import UserError
-from qwen15.generate import Completion, default_stop_ids, stream_generate
+from qwen15.generation import Completion, default_stop_ids, stream_generate
 from qwen15.sampling import SamplingParams
 
 DEMO_QUESTIONS = ("你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题")

@@ -45,13 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _session(args: argparse.Namespace, model, tokenizer):
     from qwen15.chat import ChatSession
     from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
-    from qwen15.generate import sampling_defaults
+    from qwen15.generation import sampling_defaults
     from qwen15.sampling import SamplingParams
 
     base = sampling_defaults(getattr(model, "generation_config", None))
     if args.temperature is None and getattr(model, "generation_config", None) is None:
         # no generation_config.json: chat samples with Qwen1.5-Chat's recommended values
-        from qwen15.generate import SAMPLING_FALLBACK
+        from qwen15.generation import SAMPLING_FALLBACK
 
         base = SamplingParams(**SAMPLING_FALLBACK)
     temperature = 0.0 if args.greedy else args.temperature
@@ -100,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
     session = _session(args, model, tokenizer)
     out = sys.stdout
     questions = list(DEMO_QUESTIONS) if args.run_demo else args.predict_data
+    if questions is None:
+        from qwen15.commands.generate import tensor_parallel_world
+
+        if tensor_parallel_world() > 1:
+            raise UserError(
+                "under torchrun (tensor parallel) chat answers --predict-data or --run-demo questions; the "
+                "interactive mode reads the terminal, which only one process has"
+            )
     if questions is not None:
         for q in questions:
             out.write(f"User: {q}\nAssistant: ")

@@ -59,8 +59,52 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
     )
 
 
+def tensor_parallel_world() -> int:
+    """Processes of a torchrun launch (1 when started plainly): more than one splits the model across them."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _load_tensor_parallel(args: argparse.Namespace, device: str, dtype):
+    """Under `torchrun --nproc-per-node N`: the model split over N processes (NCCL on GPUs, gloo on CPU). Every
+    rank runs the same decoding and picks the same tokens (same seed); only rank 0 writes output."""
+    import atexit
+    import os
+    import random
+
+    import torch
+    import torch.distributed as dist
+
+    from qwen15.errors import UserError
+    from qwen15.parallel.inference import init_inference_mesh, load_for_inference
+
+    if args.quantize != "none":
+        raise UserError(
+            "--quantize int8 does not combine with tensor parallel (torchrun); use one or the other"
+        )
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    mesh = init_inference_mesh(device_type)
+    # Leave together: a rank whose peers already closed their connections aborts in gloo's teardown. (If a rank
+    # fails instead, torchrun stops the others.)
+    atexit.register(lambda: (dist.barrier(), dist.destroy_process_group()))
+    if dist.get_rank() != 0:  # the others compute but stay silent
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        sys.stderr = sys.stdout
+    if args.seed is None:  # sampling must draw the same numbers on every rank
+        box = [random.randrange(2**31)]
+        dist.broadcast_object_list(box, src=0)
+        args.seed = box[0]
+    if getattr(args, "compile", None) is None:
+        args.compile = False  # the compiled CUDA-graph step is for one device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else "cpu"
+    model = load_for_inference(args.model, mesh, dtype=dtype, device=local)
+    return model, f", tensor parallel over {mesh.size()} processes"
+
+
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer) from --model/--tokenizer/--device/--dtype/--quantize, with a note on stderr."""
+    """(model, tokenizer) from --model/--tokenizer/--device/--dtype/--quantize, with a note on stderr. Under
+    torchrun with several processes the model is split across them (tensor parallel)."""
     import time
 
     import torch
@@ -75,20 +119,25 @@ def load_model(args: argparse.Namespace):
         raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t = time.perf_counter()
-    model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     note = ""
-    if args.quantize == "int8":
-        from qwen15.quantize import quantize_int8
-
-        quantize_int8(model)
-        note = ", int8 weights"
+    if tensor_parallel_world() > 1:
+        model, note = _load_tensor_parallel(args, device, dtype)
     else:
-        from qwen15.quantize import can_pack_for_cpu, pack_for_cpu
+        model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    if tensor_parallel_world() == 1:  # a split model is neither fused, quantized nor packed
+        model.fuse_projections()  # fewer, larger matrix products per decode step; the same outputs
+        if args.quantize == "int8":
+            from qwen15.quantize import quantize_int8
 
-        if can_pack_for_cpu(model):  # bf16 on CPU: same outputs, faster matrix-vector products
-            pack_for_cpu(model)
-            note = ", oneDNN-packed"
+            quantize_int8(model)
+            note = ", int8 weights"
+        else:
+            from qwen15.quantize import can_pack_for_cpu, pack_for_cpu
+
+            if can_pack_for_cpu(model):  # CPU: faster matrix-vector products (bf16 exact, fp32 to rounding)
+                pack_for_cpu(model)
+                note = ", oneDNN-packed"
     print(
         f"loaded {args.model} on {device} ({next(model.parameters()).dtype}{note}) in "
         f"{time.perf_counter() - t:.1f}s",
@@ -127,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from qwen15.errors import UserError
-    from qwen15.generate import generate, stream_generate
+    from qwen15.generation import generate, stream_generate
 
     model, tokenizer = load_model(args)
     kw = dict(

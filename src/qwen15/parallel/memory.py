@@ -165,6 +165,7 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     world_size: int | None = None,
     pp_rank: int | None = None,
+    loss_chunk_size: int = 0,
 ) -> MemoryEstimate:
     """Per-GPU memory of training `config` under `layout` (see the module docstring for what each part holds).
 
@@ -172,6 +173,8 @@ def estimate_memory(
     micro_batch_size: sequences per forward on one data-parallel rank (per pipeline micro-batch with pp > 1).
     param_dtype: dtype of the stored parameters, gradients and optimizer state (fp32 master weights with FSDP2
     mixed precision); compute_dtype: dtype of activations and of the unsharded copies used in compute.
+    loss_chunk_size: the training loss's chunking (qwen15.train.loss, pp 1): only one chunk's logits exist at a
+    time, recomputed in backward, so the last stage keeps its hidden states instead of the fp32 softmax.
     """
     from qwen15.parallel.pipeline import stage_indices, stage_ranges
 
@@ -219,8 +222,12 @@ def estimate_memory(
         if activation_checkpointing:
             acts += full_layer_act  # one block recomputed in backward
         holds_head = last_stage in stages
+        head_tokens = min(tokens, loss_chunk_size) if loss_chunk_size else tokens
         if holds_head:
             acts += head_activation_bytes(config, tokens, cbytes, tp, sp, layout.vocab_parallel)
+            if loss_chunk_size:  # the softmax of one chunk only (the hidden states are already counted)
+                vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
+                acts -= (tokens - head_tokens) * vocab * 4
 
         transient = 0
         if dp_shard > 1 or cbytes != pbytes:
@@ -231,8 +238,42 @@ def estimate_memory(
             transient += sum(tensor_numel(n, unsharded=True) for n in root) * cbytes
         if holds_head:
             vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
-            transient += tokens * vocab * (cbytes + 4)  # logits, and the loss's fp32 shifted copy
+            transient += head_tokens * vocab * (cbytes + 4)  # logits, and the loss's fp32 shifted copy
         results.append(MemoryEstimate(params, params, optim, acts, transient, rank))
     chosen = results[pp_rank] if pp_rank is not None else max(results, key=lambda r: r.total)
     chosen.per_pp_rank = [r.total for r in results]
     return chosen
+
+
+GPU_GIB = 80 * 1e9 / GIB  # an "80 GB" GPU (H100/A100 80GB): 74.5 GiB
+RESERVED_GIB = 4.0  # CUDA context, allocator caching and communication buffers, not modelled above
+
+
+def recipe_memory(
+    cfg, model_config: ModelConfig, world_size: int, seq_len: int | None = None
+) -> MemoryEstimate:
+    """The per-GPU estimate of a training recipe (a qwen15.train.config.TrainConfig) on `world_size` GPUs, with
+    the layout resolved as the trainer resolves it (pp_microbatches from the batch when unset). seq_len: the
+    dataset's row length when the recipe does not fix it (data.seq_length)."""
+    import dataclasses
+
+    seq_len = cfg.data.seq_length or seq_len
+    if seq_len is None:
+        raise ValueError("the recipe sets no data.seq_length: pass the dataset's row length as seq_len")
+
+    layout = cfg.parallel.layout().resolve(world_size)
+    t = cfg.train
+    per_rank = t.global_batch_size // layout.dp
+    if layout.pp > 1 and layout.pp_microbatches is None:
+        layout = dataclasses.replace(layout, pp_microbatches=per_rank // t.micro_batch_size)
+    layout = layout.validate(world_size, model_config, local_batch_size=per_rank)
+    return estimate_memory(
+        model_config,
+        layout,
+        micro_batch_size=t.micro_batch_size,
+        seq_len=seq_len,
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+        activation_checkpointing=t.activation_checkpointing,
+        loss_chunk_size=t.loss_chunk_size,
+    )

@@ -1,8 +1,9 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): atomic, the last K kept, resharding on load.
 
 One checkpoint is a folder `step-XXXXXXXX/` under the checkpoint directory (shared by all nodes):
-  state/                 DCP files: model and optimizer, saved shard by shard by every rank, with global shapes,
-                         so they load into any number of processes (DCP reshards)
+  state/                 DCP files: model and optimizer, saved shard by shard by every rank, with global shapes
+                         and full-model names (the optimizer state flattened per parameter name), so they load
+                         into any number of processes and any layout: FSDP2, TP, pipeline stages (DCP reshards)
   rng/rank-NNNNN.safetensors   each rank's RNG states
   trainer_state.json     step, data position (RowSampler), tokens seen, layout, chat flag, generation settings
   train_config.yaml      the resolved recipe
@@ -28,6 +29,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -106,8 +108,8 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: nn.Module | list[nn.Module],
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         trainer_state: dict[str, Any],
         write_files: Callable[[Path], None],
     ) -> Path:
@@ -118,7 +120,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        state, _ = _state_dicts(model, optimizer)
         dcp.save(state, checkpoint_id=str(tmp / "state"))
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # weights written, the rest not: a crash mid-save
@@ -146,15 +148,26 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model, optimizer and this rank's RNG from `checkpoint` (saved by any number of processes)."""
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    def load(
+        self,
+        checkpoint: Path,
+        model: nn.Module | list[nn.Module],
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        layout: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Model, optimizer and this rank's RNG from `checkpoint` (saved by any number of processes, under any
+        layout). `layout`: this run's layout, to restore the RNG only where rank i is the same role as before."""
+        state, parts = _state_dicts(model, optimizer)
         dcp.load(state, checkpoint_id=str(checkpoint / "state"))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        for module, opt, model_keys, optim_keys in parts:
+            set_model_state_dict(module, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
+            set_optimizer_state_dict(
+                module, opt, {k: state["optim"][k] for k in optim_keys}, options=_OPTIONS
+            )
         trainer_state = read_trainer_state(checkpoint)
         rng_file = checkpoint / "rng" / f"rank-{self.env.rank:05d}.safetensors"
-        if trainer_state.get("world_size") == self.env.world_size and rng_file.is_file():
+        same_layout = layout is None or trainer_state.get("layout", layout) == layout
+        if trainer_state.get("world_size") == self.env.world_size and same_layout and rng_file.is_file():
             _load_rng(rng_file)
             trainer_state["rng_restored"] = True
         else:
@@ -163,6 +176,28 @@ class CheckpointManager:
             torch.manual_seed(trainer_state["step"] * 100_003 + self.env.rank)
             trainer_state["rng_restored"] = False
         return trainer_state
+
+
+# Optimizer state keyed by parameter name ("state.layers.3.mlp.up_proj.weight.exp_avg"), not by position in
+# one optimizer: pipeline stages hold different parameters and one optimizer each, and a checkpoint must load
+# into any split of the model.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state_dicts(model, optimizer) -> tuple[dict[str, dict], list]:
+    """{"model": ..., "optim": ...} over all of this rank's model parts (whole model or pipeline stages), and per
+    part (module, optimizer, its model keys, its optimizer keys) to hand the loaded values back."""
+    models = list(model) if isinstance(model, list | tuple) else [model]
+    optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
+    state: dict[str, dict] = {"model": {}, "optim": {}}
+    parts = []
+    for module, opt in zip(models, optimizers, strict=True):
+        m = get_model_state_dict(module, options=_OPTIONS)
+        o = get_optimizer_state_dict(module, opt, options=_OPTIONS)
+        state["model"].update(m)
+        state["optim"].update(o)
+        parts.append((module, opt, list(m), list(o)))
+    return state, parts
 
 
 def _save_rng(path: Path) -> None:

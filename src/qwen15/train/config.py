@@ -84,8 +84,40 @@ class OptimSection:
 
 @dataclass
 class ParallelSection:
-    dp_shard: int = -1  # FSDP2 data-parallel sharding degree; -1: every process
+    """The parallel layout (qwen15.parallel.layout.ParallelLayout, documented in docs/parallel.md) plus training
+    options. pp x dp_replicate x dp_shard x tp must equal the number of processes (dp_shard -1 fills it in)."""
+
+    world_size: int | None = None  # processes the recipe is laid out for (checked at launch when set)
+    dp_replicate: int = 1  # HSDP: replicas of the FSDP shards (plain replication across node groups)
+    dp_shard: int = -1  # FSDP2 data-parallel sharding degree; -1: every process left by the other dimensions
+    tp: int = 1  # tensor parallel: heads, MLP columns and the vocabulary split over this many ranks
+    sequence_parallel: bool = True  # with tp: norms and residual stream split along the sequence
+    vocab_parallel: bool = True  # with tp: embedding and output layer split over the vocabulary
+    pp: int = 1  # pipeline stages (whole layers per stage)
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
+    pp_microbatches: int | None = None  # default: the rank's rows / train.micro_batch_size
+    pp_stages_per_rank: int | None = None  # default 2 for Interleaved1F1B, else 1
+    pp_embedding_cost: float | None = None  # stage balancing weights, in layers (null: from the shapes)
+    pp_output_cost: float | None = None
     reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3); false: ZeRO-2 style
+
+    def layout(self):
+        """The ParallelLayout of this section (not yet checked against a world size or model)."""
+        from qwen15.parallel.layout import ParallelLayout
+
+        return ParallelLayout(
+            dp_replicate=self.dp_replicate,
+            dp_shard=self.dp_shard,
+            tp=self.tp,
+            sequence_parallel=self.sequence_parallel,
+            pp=self.pp,
+            pp_schedule=self.pp_schedule,
+            pp_microbatches=self.pp_microbatches,
+            pp_stages_per_rank=self.pp_stages_per_rank,
+            vocab_parallel=self.vocab_parallel,
+            pp_embedding_cost=self.pp_embedding_cost,
+            pp_output_cost=self.pp_output_cost,
+        )
 
 
 @dataclass
@@ -177,9 +209,19 @@ class TrainConfig:
             raise TrainConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         if o.eps <= 0 or o.weight_decay < 0 or o.clip_grad_norm < 0:
             raise TrainConfigError("optim.eps must be > 0; optim.weight_decay and optim.clip_grad_norm >= 0")
-        if self.parallel.dp_shard == 0 or self.parallel.dp_shard < -1:
+        par = self.parallel
+        if par.dp_shard == 0 or par.dp_shard < -1:
             raise TrainConfigError(
-                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {self.parallel.dp_shard}"
+                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {par.dp_shard}"
+            )
+        for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank", "world_size"):
+            value = getattr(par, key)
+            if value is not None and value < 1:
+                raise TrainConfigError(f"parallel.{key} must be a positive integer, got {value}")
+        if par.pp > 1 and t.loss_chunk_size:
+            raise TrainConfigError(
+                "train.loss_chunk_size works with parallel.pp 1 only (the loss runs inside the last pipeline "
+                "stage); set it to 0, and use parallel.tp to split the logits over the vocabulary instead"
             )
         if self.data.path is None:
             raise TrainConfigError("data.path is required: a dataset folder from `qwen15 data preprocess`")
@@ -253,6 +295,7 @@ def _parse_yaml(text: str, where: str) -> tuple[dict[str, Any], dict[str, int]]:
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
     """Apply `--section.key value` / `--section.key=value` pairs; values are read as YAML scalars or lists."""
     i = 0
+    given: set[str] = set()
     while i < len(overrides):
         arg = overrides[i]
         if not arg.startswith("--") or "." not in arg:
@@ -270,7 +313,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> None:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if key in MODEL_SOURCES and value is not None:  # the command line's model replaces the recipe's
+            given.add(key)
+            for other in set(MODEL_SOURCES) - given:
+                setattr(cfg.model, other.partition(".")[2], None)
         set_value(cfg, key, value, f"--{key}")
+
+
+MODEL_SOURCES = ("model.preset", "model.path", "model.config")
 
 
 def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str) -> None:

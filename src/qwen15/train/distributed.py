@@ -1,7 +1,8 @@
 """Process group and device mesh: one process (`python -m qwen15 train`) or many (`torchrun`, one or many nodes).
 
-The device mesh is built here and only here, with named dimensions: "dp_shard" (FSDP2 data parallel) today;
-"dp_replicate", "tp" and "pp" join it when tensor and pipeline parallelism arrive (qwen15.parallel).
+The device mesh of a run is built here, by qwen15.parallel.layout.build_mesh, with named dimensions pp,
+dp_replicate, dp_shard, tp (size-1 dimensions kept) and the flattened "dp" (dp_replicate x dp_shard: the ranks
+that read different rows). Tensor- and pipeline-parallel ranks of one data-parallel rank read the same rows.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
 from qwen15.errors import UserError
+from qwen15.parallel.layout import ParallelLayout
+from qwen15.parallel.layout import build_mesh as build_layout_mesh
 
 
 class DistributedError(UserError):
@@ -72,27 +75,20 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def build_mesh(env: DistEnv, dp_shard: int) -> DeviceMesh:
-    """The device mesh of the run: ("dp_shard",) over all processes (the only dimension so far)."""
-    if dp_shard == -1:
-        dp_shard = env.world_size
-    if dp_shard != env.world_size:
-        raise DistributedError(
-            f"parallel.dp_shard is {dp_shard} but {env.world_size} processes were started; data parallel is "
-            "the only parallelism so far, so dp_shard must equal the number of processes (or be -1)"
-        )
-    return init_device_mesh(env.device.type, (dp_shard,), mesh_dim_names=("dp_shard",))
+def build_mesh(env: DistEnv, layout: ParallelLayout) -> DeviceMesh:
+    """The device mesh of the run's layout (already validated against the world size and the model)."""
+    return build_layout_mesh(layout, env.device.type)
 
 
 def dp_info(mesh: DeviceMesh) -> tuple[int, int]:
     """(rank, size) of this process along the data-parallel dimensions of the mesh."""
-    dp = mesh["dp_shard"]
+    dp = mesh["dp"]
     return dp.get_local_rank(), dp.size()
 
 
-def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None = None) -> torch.Tensor:
-    """Sum over the data-parallel group (in place; returned for chaining)."""
-    group = mesh["dp_shard"].get_group() if mesh is not None else None
+def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None = None, dim: str = "dp") -> torch.Tensor:
+    """Sum over the mesh dimension `dim` (default: the data-parallel ranks), in place; returned for chaining."""
+    group = mesh[dim].get_group() if mesh is not None else None
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value

@@ -3,7 +3,8 @@
 Each micro-batch contributes sum(CE over its unmasked labels) / (number of unmasked labels in the whole global
 batch, over all micro-batches and data-parallel ranks). Summing those contributions (gradient accumulation, then
 FSDP's gradient sum over ranks) gives exactly the mean over the global batch, however its tokens are spread, so 1,
-2 or 4 processes train identically. A vocabulary-parallel loss (tensor parallel) replaces `cross_entropy_sum`.
+2 or 4 processes train identically. Under tensor parallelism the logits arrive split over the vocabulary (a
+DTensor) and qwen15.parallel.loss.cross_entropy computes the same sum without gathering them.
 
 Long sequences: the fp32 logits of 32768 tokens x 151936 vocabulary take 20 GB, and cross-entropy keeps as much
 again for backward. With a chunk size, the output projection and the cross-entropy run chunk by chunk, each chunk
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.checkpoint import checkpoint
 
 from qwen15.data.dataset import IGNORE_INDEX
@@ -28,7 +30,11 @@ def count_targets(labels: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies over labels != IGNORE_INDEX, computed in fp32 (a bf16 log-softmax over 152k
-    logits loses about two digits)."""
+    logits loses about two digits). Vocabulary-split logits (a DTensor) never get gathered."""
+    if isinstance(logits, DTensor):
+        from qwen15.parallel.loss import cross_entropy
+
+        return cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return F.cross_entropy(
         logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -41,9 +47,17 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """cross_entropy_sum(hidden @ weight.T, labels) computed `chunk_size` tokens at a time."""
+    """cross_entropy_sum(hidden @ weight.T, labels) computed `chunk_size` tokens at a time.
+
+    Under tensor parallelism `weight` is the output layer's vocabulary shard (a DTensor) and `hidden` the final
+    norm's output (a sequence-split DTensor, or a plain tensor replicated over the TP ranks): the hidden states
+    are gathered whole, and each chunk's logits stay split over the vocabulary."""
+    if isinstance(weight, DTensor):
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, weight.device_mesh, [Replicate()], run_check=False)
+        hidden = hidden.redistribute(placements=[Replicate()])
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)  # plain, also when hidden is a DTensor
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         total = total + checkpoint(_chunk_loss, h, weight, y, use_reentrant=False)

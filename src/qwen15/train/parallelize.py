@@ -1,6 +1,7 @@
-"""Apply training-time transformations to an unchanged model: activation checkpointing, compile, FSDP2.
+"""Apply training-time transformations to an unchanged model (or pipeline stage): tensor parallel, activation
+checkpointing, compile, FSDP2.
 
-The order follows torchtitan: (tensor parallel, later) -> activation checkpointing -> torch.compile -> FSDP2.
+The order follows torchtitan: tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 (or HSDP).
 Checkpointing and compile replace each block's `forward` on the instance instead of wrapping the block in a new
 module, so parameter names stay those of the checkpoint (no `_checkpoint_wrapped_module` / `_orig_mod` in them).
 """
@@ -12,6 +13,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
+
+from qwen15.parallel.layout import ParallelLayout
+from qwen15.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -38,13 +42,13 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reshard_after_forward: bool = True,
 ) -> None:
-    """FSDP2 over the "dp_shard" mesh dimension: each block is one unit, the rest (embedding, norm, lm_head) the
-    root. Parameters stay fp32 (master weights and optimizer state); compute runs in `param_dtype`, gradients
+    """FSDP2 over `mesh` (the "dp_shard" dimension, or ("dp_replicate", "dp_shard") for HSDP: sharded within,
+    replicated across): each block is one unit, the rest (embedding, norm, lm_head) the root. Parameters stay fp32 (master weights and optimizer state); compute runs in `param_dtype`, gradients
     are reduced in fp32. Gradients are summed, not averaged, across ranks: the loss is already normalised by the
     global token count (qwen15.train.loss), so averaging again would divide by the world size twice.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    dp_mesh = mesh["dp_shard"]
+    dp_mesh = mesh
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again at the start of backward: keeping them saves one all-gather.
@@ -61,22 +65,51 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def uses_autocast(model: nn.Module, compute_dtype: torch.dtype) -> bool:
+    """True when the forward must run under torch.autocast: low-precision compute on fp32 parameters that no
+    FSDP mixed-precision policy casts (the single-process path of `parallelize`)."""
+    return compute_dtype != torch.float32 and not isinstance(model, FSDPModule)
+
+
+def data_parallel_mesh(mesh: DeviceMesh, layout: ParallelLayout) -> DeviceMesh:
+    """The mesh FSDP2 runs on: ("dp_replicate", "dp_shard") for HSDP, else "dp_shard"."""
+    return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+
+
 def parallelize(
     model: nn.Module,
     mesh: DeviceMesh,
+    layout: ParallelLayout,
     *,
     compute_dtype: torch.dtype,
     activation_checkpointing: bool = False,
     compile: bool = False,
     reshard_after_forward: bool = True,
 ) -> nn.Module:
-    """Everything in order. FSDP is applied when the mesh has more than one rank or compute is not fp32 (its
-    mixed-precision policy is what gives bf16 compute over fp32 master weights); a single fp32 process trains the
-    plain module."""
+    """Everything in order, on a whole model or on one pipeline stage. With tp > 1 the output layer returns
+    vocabulary-split logits (a DTensor) when vocab_parallel, for qwen15.parallel.loss.cross_entropy. FSDP is
+    applied when there is more than one data-parallel rank, or when compute is not fp32 on a tensor- or
+    pipeline-parallel run (its mixed-precision policy is what gives bf16 compute over fp32 master weights there).
+    A single process trains the plain module: in fp32 as it is, in bf16 under `torch.autocast` (see
+    `uses_autocast`) — FSDP2 on one GPU shards nothing and its per-block hooks kept an H200 idle half of a 0.5B
+    step (bench/RESULTS.md)."""
+    if layout.tp > 1:
+        apply_tensor_parallel(
+            model,
+            mesh["tp"],
+            sequence_parallel=layout.sequence_parallel,
+            loss_parallel=layout.vocab_parallel,
+            vocab_parallel=layout.vocab_parallel,
+        )
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
-    if mesh.size() > 1 or compute_dtype != torch.float32:
-        apply_fsdp(model, mesh, param_dtype=compute_dtype, reshard_after_forward=reshard_after_forward)
+    if layout.dp > 1 or (compute_dtype != torch.float32 and (layout.tp > 1 or layout.pp > 1)):
+        apply_fsdp(
+            model,
+            data_parallel_mesh(mesh, layout),
+            param_dtype=compute_dtype,
+            reshard_after_forward=reshard_after_forward,
+        )
     return model

@@ -1,11 +1,15 @@
 """The training loop: data -> forward/backward over micro-batches -> clip -> AdamW -> metrics -> checkpoints.
 
-One `Trainer` per process; every process runs the same code (SPMD). The forward/backward of one step lives in
-`forward_backward` and the loss in qwen15.train.loss, the two places pipeline and tensor parallelism replace.
+One `Trainer` per process; every process runs the same code (SPMD). The `parallel` section's layout decides the
+device mesh (pp x dp_replicate x dp_shard x tp): tensor parallel, activation checkpointing, compile and FSDP2 are
+applied to the model (or to this rank's pipeline stages) in qwen15.train.parallelize; the forward/backward of one
+step is `forward_backward` (pp 1) or the pipeline schedule (pp > 1, the loss on the last stage); the loss is the
+token mean over the GLOBAL batch in every layout (qwen15.train.loss).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -21,10 +25,11 @@ from qwen15.config import IM_END_ID, ModelConfig, get_preset
 from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
 from qwen15.errors import UserError
 from qwen15.model import Qwen
+from qwen15.parallel.layout import ParallelLayout
 from qwen15.train import distributed as D
 from qwen15.train.checkpointing import CheckpointManager, resolve_checkpoint
 from qwen15.train.config import TrainConfig, TrainConfigError
-from qwen15.train.loss import count_targets, micro_batch_loss
+from qwen15.train.loss import count_targets, cross_entropy_sum, micro_batch_loss
 from qwen15.train.metrics import (
     MetricsLogger,
     StepTimer,
@@ -34,8 +39,8 @@ from qwen15.train.metrics import (
     plot_loss_curve,
     read_metrics,
 )
-from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
-from qwen15.train.parallelize import parallelize
+from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, set_weight_decay
+from qwen15.train.parallelize import parallelize, uses_autocast
 from qwen15.train.weights import init_weights, load_hf_weights
 
 SHAPE_KEYS = (
@@ -116,8 +121,6 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, env = self.cfg, self.env
-        self.mesh = D.build_mesh(env, cfg.parallel.dp_shard)
-        self.dp_rank, self.dp_size = D.dp_info(self.mesh)
         self.device = env.device
         self.compute_dtype = {
             "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
@@ -132,12 +135,12 @@ class Trainer:
                 f"data.seq_length is {cfg.data.seq_length} but {cfg.data.path} was built with seq_length "
                 f"{self.seq_length}; preprocess the data again with --seq-length {cfg.data.seq_length}"
             )
+        self.model_config = model_config_from(cfg)
+        self.layout = self._layout()
+        self.mesh = D.build_mesh(env, self.layout)
+        self.dp_rank, self.dp_size = D.dp_info(self.mesh)
+        self.pp_rank = self.mesh["pp"].get_local_rank()
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
-        if gbs % (self.dp_size * mbs):
-            raise TrainConfigError(
-                f"train.global_batch_size {gbs} must be a multiple of data-parallel size {self.dp_size} x "
-                f"train.micro_batch_size {mbs}"
-            )
         self.accumulation = gbs // (self.dp_size * mbs)
         self.sampler = RowSampler(
             len(self.dataset),
@@ -148,7 +151,6 @@ class Trainer:
             shuffle=cfg.data.shuffle,
         )
 
-        self.model_config = model_config_from(cfg)
         if self.seq_length > self.model_config.max_position_embeddings:
             raise TrainConfigError(
                 f"the dataset's seq_length {self.seq_length} exceeds the model's max_position_embeddings "
@@ -165,24 +167,37 @@ class Trainer:
 
         with torch.device("meta"):
             model = Qwen(self.model_config)
-        parallelize(
-            model,
-            self.mesh,
-            compute_dtype=self.compute_dtype,
-            activation_checkpointing=cfg.train.activation_checkpointing,
-            compile=cfg.train.compile,
-            reshard_after_forward=cfg.parallel.reshard_after_forward,
-        )
-        model.to_empty(device=self.device)
-        model.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them tied)
+        if self.layout.pp > 1:
+            from qwen15.parallel.pipeline import stage_modules
+
+            parts = stage_modules(model, self.layout, self.pp_rank)
+        else:
+            parts = [model]
+        for part in parts:
+            parallelize(
+                part,
+                self.mesh,
+                self.layout,
+                compute_dtype=self.compute_dtype,
+                activation_checkpointing=cfg.train.activation_checkpointing,
+                compile=cfg.train.compile,
+                reshard_after_forward=cfg.parallel.reshard_after_forward,
+            )
+            part.to_empty(device=self.device)
+            part.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them)
+        self.autocast = uses_autocast(parts[0], self.compute_dtype)
         if cfg.model.path is not None:
             self.log(f"loading weights from {cfg.model.path}")
-            load_hf_weights(model, cfg.model.path)
+            load_hf_weights(parts, cfg.model.path)
         else:
-            init_weights(model, cfg.model.init_seed)
-        model.train()
-        self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+            init_weights(parts, cfg.model.init_seed)
+        for part in parts:
+            part.train()
+        self.parts = parts
+        self.model = parts[0]  # the whole model when pp is 1
+        self.optimizers = [build_optimizer(part, cfg.optim) for part in parts]
+        self.optimizer = self.optimizers[0]
+        self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
 
         self.step = 0
         self.tokens_seen = 0
@@ -204,9 +219,58 @@ class Trainer:
         n = self.model_config.num_params()
         self.log(
             f"{cfg.train.mode}: {n / 1e6:,.1f}M parameters, {env.world_size} process(es) on {self.device.type} "
-            f"(dp_shard {self.dp_size}), {str(self.compute_dtype).removeprefix('torch.')} compute; "
+            f"({describe_layout(self.layout)}), {str(self.compute_dtype).removeprefix('torch.')} compute; "
             f"{gbs} rows x {self.seq_length} tokens per step ({self.accumulation} micro-batch(es) of {mbs} per "
             f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
+        )
+
+    def _layout(self) -> ParallelLayout:
+        """The `parallel` section as a layout checked against this launch and the model (errors name the key)."""
+        cfg, world = self.cfg, self.env.world_size
+        par = cfg.parallel
+        if par.world_size is not None and par.world_size != world:
+            self.log(
+                f"note: this recipe is laid out for parallel.world_size {par.world_size} processes but "
+                f"{world} were started; the layout is checked against {world}"
+            )
+        layout = par.layout().resolve(world)
+        gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+        if gbs % (layout.dp * mbs):
+            raise TrainConfigError(
+                f"train.global_batch_size {gbs} must be a multiple of data-parallel size {layout.dp} "
+                f"(parallel.dp_replicate x parallel.dp_shard) x train.micro_batch_size {mbs}"
+            )
+        per_rank = gbs // layout.dp
+        if layout.pp > 1:
+            # One schedule step per update runs this rank's rows as micro-batches of train.micro_batch_size.
+            if layout.pp_microbatches is None:
+                layout = dataclasses.replace(layout, pp_microbatches=per_rank // mbs)
+            elif layout.pp_microbatches * mbs != per_rank:
+                raise TrainConfigError(
+                    f"parallel.pp_microbatches {layout.pp_microbatches} x train.micro_batch_size {mbs} must equal "
+                    f"the rows per data-parallel rank and step (train.global_batch_size {gbs} / data-parallel "
+                    f"size {layout.dp} = {per_rank}); set parallel.pp_microbatches to {per_rank // mbs} or null"
+                )
+        # pp_microbatches means nothing without stages (gradient accumulation follows train.micro_batch_size).
+        return layout.validate(world, self.model_config, local_batch_size=per_rank if layout.pp > 1 else None)
+
+    def _pipeline_schedule(self):
+        """The schedule of this rank's stages; its loss (last stage) is each micro-batch's cross-entropy sum over
+        the unmasked labels of the global batch, set before every step in `self.step_targets`."""
+        from qwen15.parallel.pipeline import build_schedule
+
+        self.step_targets = torch.ones((), dtype=torch.float32, device=self.device)
+
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return cross_entropy_sum(logits, labels) / self.step_targets
+
+        return build_schedule(
+            self.parts,
+            self.layout,
+            self.mesh["pp"],
+            loss_fn,
+            self.device,
+            tp_mesh=self.mesh["tp"],
         )
 
     def _prepare_tokenizer(self) -> Path | None:
@@ -263,33 +327,41 @@ class Trainer:
                 "same model, or start a new run directory (--train.run_dir) / --checkpoint.resume never"
             )
         self.log(f"resuming from {path}")
-        state = self.checkpoints.load(path, self.model, self.optimizer)
-        for group in self.optimizer.param_groups:  # this run's settings, not the checkpoint's
-            group["betas"], group["eps"] = tuple(self.cfg.optim.betas), self.cfg.optim.eps
-        self.optimizer.param_groups[0]["weight_decay"] = self.cfg.optim.weight_decay
+        state = self.checkpoints.load(path, self.parts, self.optimizers, layout=self._layout_dict())
+        for optimizer in self.optimizers:  # this run's settings, not the checkpoint's
+            for group in optimizer.param_groups:
+                group["betas"], group["eps"] = tuple(self.cfg.optim.betas), self.cfg.optim.eps
+            set_weight_decay(optimizer, self.cfg.optim.weight_decay)
         try:
             self.sampler.load_state_dict(state["sampler"])
         except DatasetError as e:
             raise DatasetError(f"{path}: {e}") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
-        if state["world_size"] != self.env.world_size:
+        saved_layout = state.get("layout")
+        if state["world_size"] != self.env.world_size or (
+            saved_layout and saved_layout != self._layout_dict()
+        ):
+            was = f" ({describe_layout(ParallelLayout(**saved_layout))})" if saved_layout else ""
             self.log(
-                f"the checkpoint was written by {state['world_size']} process(es), this run has "
-                f"{self.env.world_size}: weights and optimizer were resharded; the data order continues at row "
-                f"{self.sampler.position} of the global order"
+                f"the checkpoint was written by {state['world_size']} process(es){was}, this run has "
+                f"{self.env.world_size} ({describe_layout(self.layout)}): weights and optimizer were resharded; "
+                f"the data order continues at row {self.sampler.position} of the global order"
             )
         return path
 
     # ------------------------------------------------------------------ one step
 
-    def micro_batches(self, batch: dict[str, torch.Tensor | None]) -> list[dict[str, torch.Tensor | None]]:
+    def _check_ids(self, batch: dict[str, torch.Tensor | None]) -> None:
         vocab = self.model_config.vocab_size
         if int(batch["input_ids"].max()) >= vocab:
             raise DatasetError(
                 f"{self.cfg.data.path}: token id {int(batch['input_ids'].max())} is beyond the model's "
                 f"{vocab} embedding rows; was the data built with another tokenizer?"
             )
+
+    def micro_batches(self, batch: dict[str, torch.Tensor | None]) -> list[dict[str, torch.Tensor | None]]:
+        self._check_ids(batch)
         mbs = self.cfg.train.micro_batch_size
         out = []
         for i in range(0, len(batch["input_ids"]), mbs):
@@ -301,32 +373,60 @@ class Trainer:
             )
         return out
 
+    def _pipeline_forward_backward(
+        self, batch: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global unmasked label count, loss) of one step under the pipeline schedule. Every pipeline rank of a
+        data-parallel rank passes the same rows; the loss exists on the last stage and is summed over the
+        pipeline ranks (the others contribute 0), so every rank logs the same value."""
+        self._check_ids(batch)
+        local = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if v is not None}
+        targets = D.all_reduce_sum(count_targets(local["labels"]).to(self.device), self.mesh)
+        self.step_targets.fill_(max(int(targets), 1))
+        kwargs = {"document_ids": local["document_ids"]} if "document_ids" in local else {}
+        losses: list[torch.Tensor] = []
+        self.schedule.step(local["input_ids"], target=local["labels"], losses=losses, **kwargs)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        for value in losses:
+            loss += value.detach().float()
+        D.all_reduce_sum(loss, self.mesh, "pp")
+        return targets, loss
+
     def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
         """One optimizer update from this rank's rows of the global batch. Raises TrainingDiverged, leaving the
         weights untouched, when the loss or the gradient norm is not finite."""
-        micro = self.micro_batches(batch)
-        targets = sum(count_targets(mb["labels"]) for mb in micro).to(self.device)
-        D.all_reduce_sum(targets, self.mesh)
-        local = forward_backward(self.model, micro, targets, self.cfg.train.loss_chunk_size)
+        if self.schedule is not None:
+            targets, local = self._pipeline_forward_backward(batch)
+        else:
+            micro = self.micro_batches(batch)
+            targets = sum(count_targets(mb["labels"]) for mb in micro).to(self.device)
+            D.all_reduce_sum(targets, self.mesh)
+            with torch.autocast(self.device.type, self.compute_dtype, enabled=self.autocast):
+                local = forward_backward(self.model, micro, targets, self.cfg.train.loss_chunk_size)
         loss = float(D.all_reduce_sum(local, self.mesh))
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss}")
-        grad_norm = clip_grad_norm(self.model, self.cfg.optim.clip_grad_norm)
+        pp_group = self.mesh["pp"].get_group() if self.layout.pp > 1 else None
+        grad_norm = clip_grad_norm(self.parts, self.cfg.optim.clip_grad_norm, pp_group)
         if not math.isfinite(grad_norm):
             self._diverged(f"the gradient norm is {grad_norm}")
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
-        set_lr(self.optimizer, lr)
+        for optimizer in self.optimizers:
+            set_lr(optimizer, lr)
         if int(targets) > 0:
-            self.optimizer.step()
+            for optimizer in self.optimizers:
+                optimizer.step()
         else:
             self.log(f"step {self.step + 1}: no label carries loss in this global batch; update skipped")
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.cfg.train.global_batch_size * self.seq_length
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "targets": int(targets)}
 
     def _diverged(self, what: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         last = self.checkpoints.latest()
         raise TrainingDiverged(
             f"{what} at step {self.step + 1}; training stopped before applying it. The last good checkpoint is "
@@ -340,6 +440,7 @@ class Trainer:
         state = {
             "world_size": self.env.world_size,
             "dp_size": self.dp_size,
+            "layout": self._layout_dict(),
             "sampler": self.sampler.state_dict(),
             "tokens_seen": self.tokens_seen,
             "global_batch_size": self.cfg.train.global_batch_size,
@@ -350,8 +451,11 @@ class Trainer:
             "generation": self._generation_settings(),
         }
         return self.checkpoints.save(
-            self.step, self.model, self.optimizer, state, self._write_checkpoint_files
+            self.step, self.parts, self.optimizers, state, self._write_checkpoint_files
         )
+
+    def _layout_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.layout)
 
     def _generation_settings(self) -> dict[str, Any]:
         g = self.cfg.generation
@@ -424,6 +528,19 @@ class Trainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
         D.teardown(self.env)
+
+
+def describe_layout(layout: ParallelLayout) -> str:
+    """ "dp_shard 2", "dp_shard 2 x tp 2 x pp 2 (1F1B, 4 micro-batches)" ..."""
+    dims = [
+        f"{k} {getattr(layout, k)}"
+        for k in ("dp_replicate", "dp_shard", "tp", "pp")
+        if getattr(layout, k) > 1
+    ]
+    text = " x ".join(dims or ["dp_shard 1"])
+    if layout.pp > 1:
+        text += f" ({layout.pp_schedule}, {layout.microbatches} micro-batches)"
+    return text
 
 
 def train(cfg: TrainConfig, *, echo=print) -> TrainResult:

@@ -45,22 +45,45 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
     target.copy_(local_slice(param, full))
 
 
+def _parameters(parts: nn.Module | list[nn.Module]) -> tuple[list[nn.Module], dict[str, torch.Tensor]]:
+    """The model parts (a whole model, or this rank's pipeline stages) and their parameters by full-model name
+    (stages keep the full model's names: layers.17... stays layers.17...)."""
+    parts = list(parts) if isinstance(parts, list | tuple) else [parts]
+    params: dict[str, torch.Tensor] = {}
+    for part in parts:
+        params.update(dict(part.named_parameters(remove_duplicate=False)))
+    return parts, params
+
+
+def _meta_model(config) -> nn.Module:
+    from qwen15.model import Qwen
+
+    with torch.device("meta"):
+        return Qwen(config)
+
+
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def init_weights(model: nn.Module | list[nn.Module], seed: int, std: float = 0.02) -> None:
     """The reference initialisation of Qwen.init_weights (normal(0, std) matrices, zero biases, unit norms), drawn
     in the same order from the same generator, so that a sharded model gets bitwise the same weights as
-    `Qwen.from_config(config, seed=seed)` on the same device type."""
-    device = _device_of(model)
+    `Qwen.from_config(config, seed=seed)` on the same device type. `model` may be a list of pipeline stages:
+    every tensor of the whole model is drawn (keeping the generator's order), each stage keeps its own."""
+    parts, params = _parameters(model)
+    device = _device_of(parts[0])
+    dtype = next(iter(params.values())).dtype
     generator = torch.Generator(device=device).manual_seed(seed)
-    for module in model.modules():
+    for name, module in _meta_model(parts[0].config).named_modules():
+        prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear | nn.Embedding):
-            w = module.weight
-            full = torch.empty(w.shape, dtype=w.dtype, device=device).normal_(0.0, std, generator=generator)
-            copy_full_(w, full)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()  # zero everywhere: no need for the full tensor
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            full = torch.empty(module.weight.shape, dtype=dtype, device=device).normal_(
+                0.0, std, generator=generator
+            )
+            if prefix + "weight" in params:
+                copy_full_(params[prefix + "weight"], full)
+            if getattr(module, "bias", None) is not None and prefix + "bias" in params:
+                params[prefix + "bias"].zero_()  # zero everywhere: no need for the full tensor
+        elif isinstance(module, RMSNorm) and prefix + "weight" in params:
+            params[prefix + "weight"].fill_(1.0)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -69,27 +92,31 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, folder: str | Path) -> None:
+def load_hf_weights(model: nn.Module | list[nn.Module], folder: str | Path) -> None:
     """Copy the weights of a Hugging Face folder (safetensors, single or sharded) into `model`, which may be
-    sharded. Names and shapes are checked first (missing q/k/v biases, wrong config.json ...)."""
+    sharded or a list of pipeline stages. Names and shapes are checked first, against the whole model (missing
+    q/k/v biases, wrong config.json ...)."""
     folder = Path(folder)
+    parts, params = _parameters(model)
+    config = parts[0].config
     kind, files = _weight_files(folder)
     if kind != "safetensors":
         raise CheckpointError(
             f"{folder}: training reads safetensors weights only (found pytorch_model.bin); convert them once "
             "with `Qwen.from_pretrained(folder).save_pretrained(new_folder)`"
         )
-    tied = model.config.tie_word_embeddings
-    params = {
-        hf_name(k): p
-        for k, p in model.named_parameters(remove_duplicate=False)
+    tied = config.tie_word_embeddings
+    shapes = {
+        hf_name(k): tuple(p.shape)
+        for k, p in _meta_model(config).named_parameters(remove_duplicate=False)
         if not (tied and k == "lm_head.weight")
     }
+    params = {hf_name(k): p for k, p in params.items() if not (tied and k == "lm_head.weight")}
     entries = {}
     for f in files:
         entries.update(read_safetensors_header(f))
     check_names(
-        {k: tuple(p.shape) for k, p in params.items()},
+        shapes,
         {k: e.shape for k, e in entries.items()},
         tied,
         str(folder),

@@ -411,7 +411,10 @@ def _local_kv_heads(model: Qwen) -> int:
     layers = getattr(model, "layers", None)
     if not layers:  # no blocks to read (a pipeline stage without layers, a stand-in model)
         return model.config.num_key_value_heads
-    weight = next(iter(layers.values())).self_attn.k_proj.weight
+    attn = next(iter(layers.values())).self_attn
+    if attn.qkv_sizes is not None:  # fused projections (never tensor-parallel)
+        return attn.qkv_sizes[1] // model.config.head_dim
+    weight = attn.k_proj.weight
     if hasattr(weight, "to_local"):  # a DTensor shard
         weight = weight.to_local()
     return weight.shape[0] // model.config.head_dim

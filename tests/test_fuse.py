@@ -1,0 +1,55 @@
+"""Fused projections (inference): one q/k/v matrix and one gate/up matrix per block give the same outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen15 import Qwen, generate
+from qwen15.checkpoint import CheckpointError
+from qwen15.config import get_preset
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha", "tiny-gqa"])
+def test_fused_model_gives_the_same_logits_and_tokens(name):
+    cfg = get_preset(name).replace(vocab_size=1000)
+    plain = Qwen.from_config(cfg, seed=0)
+    fused = Qwen.from_config(cfg, seed=0).fuse_projections()
+    assert fused.projections_fused and not plain.projections_fused
+    attn = fused.layers["0"].self_attn
+    assert not hasattr(attn, "q_proj") and attn.qkv_proj.weight.shape[0] == sum(attn.qkv_sizes)
+    ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(ids), fused(ids)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    x = generate(plain, None, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    y = generate(fused, None, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
+    assert [r.token_ids for r in x] == [r.token_ids for r in y]
+
+
+def test_fused_model_quantizes_and_packs():
+    from qwen15.quantize import Int8Linear, PackedLinear, pack_for_cpu, quantize_int8
+
+    cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
+    q = quantize_int8(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    assert isinstance(q.layers["0"].self_attn.qkv_proj, Int8Linear)
+    assert isinstance(q.layers["0"].mlp.gate_up_proj, Int8Linear)
+    p = pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    ref = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = p(ids)
+        assert (out.float() - ref(ids).float()).abs().max().item() < 0.05 * ref(
+            ids
+        ).float().abs().max().item()
+        q(ids)  # runs
+    if torch.backends.mkldnn.is_available():
+        assert isinstance(p.layers["0"].mlp.gate_up_proj, PackedLinear)
+
+
+def test_a_fused_model_refuses_to_save(tmp_path):
+    model = Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0).fuse_projections()
+    with pytest.raises(CheckpointError, match="fused"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
