@@ -4,8 +4,8 @@
   python bench/cuda_check.py --device cpu   # the same checks here, to test the script itself
 
 1. logits of tiny random models (MHA, GQA, tied and untied) equal transformers' on the device, fp32 and bf16;
-2. greedy generation — the compiled static-shape decode step with CUDA graphs, and the eager one — equals
-   transformers' `generate` in fp32 for a batch of prompts of different lengths, 64 new tokens;
+2. greedy generation — the compiled static-shape decode step with CUDA graphs (also with fused projections, as
+   the commands run it), and the eager one — equals transformers' `generate` in fp32 for a batch of prompts of different lengths, 64 new tokens;
 3. int8 weight-only decoding agrees with bf16 (share of equal greedy tokens, printed);
 4. the trainer on the device (bf16 compute over fp32 master weights): the first loss equals an fp32 CPU run of the
    same weights and batch within bf16 rounding, and 20 steps drive the loss down.
@@ -92,13 +92,16 @@ def check_greedy(device) -> None:
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 11)]
     with torch.inference_mode():
         ref = hf_greedy(hf, prompts, 64, device)
-    for compiled in (False, True):
-        engine = Generator(ours, None, compile=compiled)
+    fused = load_into_ours(hf.cpu(), cfg).to(device).fuse_projections()  # as the commands run it
+    hf = hf.to(device)
+    for compiled, model in ((False, ours), (True, ours), (True, fused)):
+        engine = Generator(model, None, compile=compiled)
         for attempt in range(2):  # the second call reuses the recorded CUDA graphs and static buffers
             outs = engine.generate(prompts, max_new_tokens=64, sampling=SamplingParams(), stop_token_ids=[])
             got = [o.token_ids for o in outs]
+            kind = ("compiled+cudagraphs" if compiled else "eager") + (", fused" if model is fused else "")
             report(
-                f"greedy fp32 {'compiled+cudagraphs' if compiled else 'eager'} call {attempt + 1}",
+                f"greedy fp32 {kind} call {attempt + 1}",
                 got == ref,
                 f"{sum(a == b for r, o in zip(ref, got) for a, b in zip(r, o))}/{3 * 64} tokens equal transformers",
             )

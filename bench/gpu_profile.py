@@ -11,7 +11,8 @@ Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as 
 then a profiler table of one `fsdp` step (top kernels by GPU time) and GPU busy time over wall time.
 Decode, 0.5B bf16 batch 1: the whole generate loop vs replaying the compiled step alone (what the loop adds);
 decode-tuned: the same with inductor's coordinate-descent tuning of its generated kernels; decode-fused: one
-matrix for q/k/v and one for gate/up; decode-kernels: compiled without CUDA graphs, a profiler table of kernels.
+matrix for q/k/v and one for gate/up (`Qwen.fuse_projections`; the H200 run of RESULTS.md used an equivalent
+copy of it inside this script, written before the library had it); decode-kernels: compiled without CUDA graphs, a profiler table of kernels.
 """
 
 from __future__ import annotations
@@ -116,44 +117,6 @@ def train_part(tmp: Path, reps: int) -> None:
         trainer.close()
 
 
-def fuse_projections(model) -> None:
-    """Experiment: one matrix for q/k/v and one for gate/up in every block (fewer, larger kernels per decode
-    step), by replacing the blocks' forward methods on the instances; the outputs are the same."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    from qwen15.model import apply_rotary
-
-    for block in model.layers.values():
-        a, m = block.self_attn, block.mlp
-        sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
-        qkv = nn.Linear(a.q_proj.in_features, sum(sizes), device=a.q_proj.weight.device)
-        qkv.weight.data = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-        qkv.bias.data = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
-        inter = m.gate_proj.out_features
-        gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
-
-        def attn_forward(x, cos, sin, mask, kv_cache=None, cache_positions=None, key_len=None, a=a, qkv=qkv,
-                         sizes=sizes):  # fmt: skip
-            b, s, _ = x.shape
-            q, k, v = (t.view(b, s, -1, a.head_dim).transpose(1, 2) for t in qkv(x).split(sizes, dim=-1))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if kv_cache is not None:
-                k, v = kv_cache.update(a.layer_idx, cache_positions, k, v)
-                if key_len is not None:
-                    k, v = k[:, :, :key_len], v[:, :, :key_len]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-            )
-            return a.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-        def mlp_forward(x, m=m, w=gate_up, inter=inter):
-            g, u = F.linear(x, w).split(inter, dim=-1)
-            return m.down_proj(F.silu(g) * u)
-
-        a.forward, m.forward = attn_forward, mlp_forward
-
-
 def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool = False) -> None:
     print(
         f"== decode loop vs compiled step alone; inductor options {options or 'of mode reduce-overhead'}",
@@ -169,7 +132,7 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
     model = Qwen.from_config(cfg, dtype=dtype, device=DEV)
     if fused:
         print("fused q/k/v and gate/up matrices", flush=True)
-        fuse_projections(model)
+        model.fuse_projections()
     engine = Generator(model, None, compile=True)
     if options:
         from qwen15.generation import decode_one_token
