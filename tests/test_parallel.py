@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from qwen15.config import get_preset
 from qwen15.model import KVCache, Qwen
+from qwen15.parallel.layout import dp_mesh
 
 VOCAB = 512
 # Tiny shapes whose heads split over 4 ranks: tied (0.5B-like), untied MHA, GQA 8/4 (32B-like).
@@ -257,13 +258,13 @@ def _activation_job(mesh):
     return activation_bytes(model, b["input_ids"], b["labels"])
 
 
-def shard_with_fsdp(model, dp_mesh) -> None:
+def shard_with_fsdp(model, mesh) -> None:
     """FSDP2 per block and at the root, gradients summed (the loss is already divided by the global tokens)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -277,7 +278,7 @@ def _pipeline_job(mesh, schedules, steps):
     from qwen15.parallel.pipeline import build_schedule, stage_modules
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
 
-    tp, dp, dp_rank = mesh["tp"].size(), mesh["dp"].size(), mesh["dp"].get_local_rank()
+    tp, dp, dp_rank = mesh["tp"].size(), dp_mesh(mesh).size(), dp_mesh(mesh).get_local_rank()
     rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)
     out = {}
     for schedule_name in schedules:
@@ -308,7 +309,7 @@ def _pipeline_job(mesh, schedules, steps):
                 opt.zero_grad()
             if micro:  # the last stage: its share of the loss, summed over the data-parallel ranks
                 total = torch.stack([x.detach() for x in micro]).sum()
-                dist.all_reduce(total, group=mesh["dp"].get_group())
+                dist.all_reduce(total, group=dp_mesh(mesh).get_group())
                 losses.append(total.item())
         params = {}
         for module in modules:
@@ -323,7 +324,7 @@ def _fsdp_tp_job(mesh, steps):
 
     model = apply_tensor_parallel(model_for(CONFIGS["tied"]), mesh["tp"])
     shard_with_fsdp(model, mesh["dp_shard"])
-    dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    dp_rank, dp = dp_mesh(mesh).get_local_rank(), dp_mesh(mesh).size()
 
     def step_loss(step):
         b = batch(step)
@@ -339,7 +340,7 @@ def _fsdp_tp_job(mesh, steps):
         opt.step()
         opt.zero_grad()
         total = loss.detach().clone()
-        dist.all_reduce(total, group=mesh["dp"].get_group())
+        dist.all_reduce(total, group=dp_mesh(mesh).get_group())
         losses.append(total.item())
     out = {
         "losses": losses,
@@ -401,7 +402,11 @@ def _four_ranks(rank, world_size):
     )
     fsdp_mesh = build_mesh(ParallelLayout(dp_shard=2, tp=2), "cpu")
     out["fsdp"] = _fsdp_tp_job(fsdp_mesh, STEPS)
-    out["coords"] = {"pp": 0, "tp": fsdp_mesh["tp"].get_local_rank(), "dp": fsdp_mesh["dp"].get_local_rank()}
+    out["coords"] = {
+        "pp": 0,
+        "tp": fsdp_mesh["tp"].get_local_rank(),
+        "dp": dp_mesh(fsdp_mesh).get_local_rank(),
+    }
     return out
 
 

@@ -213,7 +213,7 @@ class ParallelLayout:
 def build_mesh(layout: ParallelLayout, device_type: str = "cuda"):
     """The DeviceMesh of a layout, dims named pp, dp_replicate, dp_shard, tp (+ the flattened "dp").
 
-    Needs torch.distributed initialised; the layout is resolved against its world size. mesh["dp"] spans
+    Needs torch.distributed initialised; the layout is resolved against its world size. dp_mesh(mesh) spans
     dp_replicate x dp_shard (data loading and loss averaging); mesh["dp_shard", "tp"] and the like are sub-meshes.
     """
     import torch.distributed as dist
@@ -224,8 +224,14 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cuda"):
     layout = layout.resolve(dist.get_world_size())
     shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    # Kept here rather than sliced again as mesh["dp"], which torch deprecates (a warning on every slice).
+    mesh.qwen15_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh
+
+
+def dp_mesh(mesh):
+    """The flattened data-parallel mesh (dp_replicate x dp_shard) of a mesh made by build_mesh."""
+    return mesh.qwen15_dp_mesh
 
 
 def _positive_int(value: Any, key: str, allow: tuple[int, ...] = ()) -> None:

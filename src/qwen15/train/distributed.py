@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from qwen15.errors import UserError
-from qwen15.parallel.layout import ParallelLayout
+from qwen15.parallel.layout import ParallelLayout, dp_mesh
 from qwen15.parallel.layout import build_mesh as build_layout_mesh
 
 
@@ -82,13 +82,15 @@ def build_mesh(env: DistEnv, layout: ParallelLayout) -> DeviceMesh:
 
 def dp_info(mesh: DeviceMesh) -> tuple[int, int]:
     """(rank, size) of this process along the data-parallel dimensions of the mesh."""
-    dp = mesh["dp"]
+    dp = dp_mesh(mesh)
     return dp.get_local_rank(), dp.size()
 
 
 def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None = None, dim: str = "dp") -> torch.Tensor:
     """Sum over the mesh dimension `dim` (default: the data-parallel ranks), in place; returned for chaining."""
-    group = mesh[dim].get_group() if mesh is not None else None
+    group = None
+    if mesh is not None:
+        group = (dp_mesh(mesh) if dim == "dp" else mesh[dim]).get_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
