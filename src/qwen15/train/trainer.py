@@ -74,12 +74,16 @@ def forward_backward(
     micro_batches: list[dict[str, torch.Tensor | None]],
     global_targets: torch.Tensor,
     loss_chunk_size: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Forward and backward of every micro-batch of this rank for one step; gradients accumulate in the
-    parameters. Returns this rank's part of the global token-mean loss (detached)."""
+    parameters. Returns this rank's part of the global token-mean loss (detached). With `autocast_dtype` the
+    forward runs under torch.autocast (backward follows the dtypes the forward chose)."""
+    device_type = global_targets.device.type
     total = torch.zeros((), dtype=torch.float32, device=global_targets.device)
     for mb in micro_batches:
-        loss = micro_batch_loss(model, mb, global_targets, loss_chunk_size)
+        with torch.autocast(device_type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = micro_batch_loss(model, mb, global_targets, loss_chunk_size)
         loss.backward()
         total += loss.detach()
     return total
@@ -401,8 +405,13 @@ class Trainer:
             micro = self.micro_batches(batch)
             targets = sum(count_targets(mb["labels"]) for mb in micro).to(self.device)
             D.all_reduce_sum(targets, self.mesh)
-            with torch.autocast(self.device.type, self.compute_dtype, enabled=self.autocast):
-                local = forward_backward(self.model, micro, targets, self.cfg.train.loss_chunk_size)
+            local = forward_backward(
+                self.model,
+                micro,
+                targets,
+                self.cfg.train.loss_chunk_size,
+                autocast_dtype=self.compute_dtype if self.autocast else None,
+            )
         loss = float(D.all_reduce_sum(local, self.mesh))
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss}")
