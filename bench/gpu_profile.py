@@ -170,7 +170,7 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
             if CUDA:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = step(model, cache, tokens, pos, slot, key_mask)
-            tokens = logits.argmax(-1)
+            tokens.copy_(logits.argmax(-1))  # in place: a new tensor each step made dynamo recompile
         sync()
         replay = new_tokens / (time.perf_counter() - t)
         if CUDA:
