@@ -25,24 +25,17 @@ import time
 import torch
 
 
+def hf_config_dict(cfg) -> dict:
+    """Our ModelConfig as the config.json that save_pretrained writes (the shape transformers gets)."""
+    d = cfg.to_hf_dict()
+    d.pop("torch_dtype", None)  # the bench casts the model itself
+    return d
+
+
 def hf_model(cfg, dtype, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    hc = Qwen2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        use_sliding_window=False,
-        attn_implementation="sdpa",
-        dtype=dtype,
-    )
+    hc = Qwen2Config(**hf_config_dict(cfg), attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(hc).to(dtype)

@@ -5,10 +5,11 @@
 
 Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as bench/train.py):
   transformers  bf16 parameters + torch AdamW (the reference)
-  fsdp          our trainer as shipped on one GPU: FSDP2 mixed precision (fp32 master, bf16 compute) + compile
-  fsdp-keep     the same, gathered weights kept from forward to backward (parallel.reshard_after_forward false)
-  autocast      our trainer on the plain module (fp32 parameters, no FSDP) under torch.autocast(bf16) + compile
-then a profiler table of one `fsdp` step (top kernels by GPU time) and GPU busy time over wall time.
+  shipped       our trainer as shipped on one GPU: fp32 master weights, bf16 autocast, compiled blocks
+  eager         the same without compile
+then a profiler table of one `shipped` step (top kernels by GPU time) and GPU busy time over wall time.
+(The FSDP2 rows of bench/RESULTS.md were measured with this script as of commit 36cfbfa, when one GPU still
+trained under FSDP2.)
 Decode, 0.5B bf16 batch 1: the whole generate loop vs replaying the compiled step alone (what the loop adds);
 decode-tuned: the same with inductor's coordinate-descent tuning of its generated kernels; decode-fused: one
 matrix for q/k/v and one for gate/up (`Qwen.fuse_projections`; the H200 run of RESULTS.md used an equivalent
@@ -45,33 +46,15 @@ def trainer_variant(name: str, tmp: Path):
     from qwen15.train.trainer import Trainer
 
     case = "cuda-0.5b" if CUDA else "cpu-demo"
-    extra = {
-        "fsdp": [],
-        "fsdp-keep": ["--parallel.reshard_after_forward", "false"],
-        "autocast": ["--train.dtype", "float32"],
-    }[name]
-    import qwen15.train.config as config_module
-
-    original = config_module.load_config
-    config_module.load_config = lambda path, args: original(path, args + extra)
-    try:  # bench/train.py builds the trainer from command-line style overrides: add the variant's
-        trainer, step, batch = train_bench.ours(case, tmp / name)
-    finally:
-        config_module.load_config = original
+    trainer, step, batch = train_bench.ours(case, tmp / name, compile=name == "shipped")
     assert isinstance(trainer, Trainer)
-    if name == "autocast":
-
-        def step(trainer=trainer, batch=batch):
-            with torch.autocast(DEV.type, dtype=torch.bfloat16):
-                trainer.train_step(batch)
-
     return trainer, step, batch
 
 
 def train_part(tmp: Path, reps: int) -> None:
     print("== training step variants", flush=True)
     steps, trainers, batch = {}, [], None
-    for name in ("fsdp", "fsdp-keep", "autocast"):
+    for name in ("shipped", "eager"):
         try:
             t0 = time.perf_counter()
             trainer, step, batch = trainer_variant(name, tmp)
@@ -99,7 +82,7 @@ def train_part(tmp: Path, reps: int) -> None:
     if CUDA:
         from torch.profiler import ProfilerActivity, profile
 
-        step = steps["fsdp"]
+        step = steps["shipped"]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t = time.perf_counter()
             step()
@@ -108,7 +91,8 @@ def train_part(tmp: Path, reps: int) -> None:
         events = prof.key_averages()
         busy = sum(e.self_device_time_total for e in events) / 1e6
         print(
-            f"fsdp step under the profiler: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms", flush=True
+            f"shipped step under the profiler: wall {wall * 1e3:.1f} ms, kernels {busy * 1e3:.1f} ms",
+            flush=True,
         )
         print(
             events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60), flush=True

@@ -92,22 +92,13 @@ def ours(case: str, tmp: Path, compile: bool = True):
 
 
 def reference(case: str, b, trainer):
+    from decode import hf_config_dict
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     c = trainer.model_config
     device = trainer.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = Qwen2Config(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        tie_word_embeddings=c.tie_word_embeddings,
-        max_position_embeddings=c.max_position_embeddings,
-        attn_implementation="sdpa",
-    )
+    config = Qwen2Config(**hf_config_dict(c), attn_implementation="sdpa")
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
     model.train()
