@@ -7,8 +7,10 @@
 2. greedy generation — the compiled static-shape decode step with CUDA graphs (also with fused projections, as
    the commands run it), and the eager one — equals transformers' `generate` in fp32 for a batch of prompts of different lengths, 64 new tokens;
 3. int8 weight-only decoding agrees with bf16 (share of equal greedy tokens, printed);
-4. the trainer on the device (bf16 compute over fp32 master weights): the first loss equals an fp32 CPU run of the
-   same weights and batch within bf16 rounding, and 20 steps drive the loss down.
+4. the output layer + cross-entropy that train.compile compiles equals the eager one (loss and gradients, bf16
+   autocast, the real vocabulary), and how long each takes;
+5. the trainer on the device (bf16 compute over fp32 master weights), eager and with train.compile: the first loss
+   equals an fp32 CPU run of the same weights and batch within bf16 rounding, and 8 steps drive the loss down.
 Every check prints PASS or FAIL with its figures; the exit status is the number of failures.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -141,8 +144,9 @@ def check_trainer(device) -> None:
         rows[:, 1::2] = rows[:, 0:-1:2]  # learnable: every odd token repeats the one before it
         data = write_dataset(Path(tmp) / "data", rows)
 
-        def trainer(dev, run):
+        def trainer(dev, run, compile=False):
             args = [
+                "--train.compile", str(compile).lower(),
                 "--model.preset", "tiny", "--model.vocab_size", "512", "--data.path", str(data),
                 "--train.run_dir", str(Path(tmp) / run), "--train.global_batch_size", "8",
                 "--train.micro_batch_size", "4", "--train.device", dev, "--train.steps", "20",
@@ -156,16 +160,52 @@ def check_trainer(device) -> None:
         batch = cpu.dataset.batch(list(range(8)))
         ref = float(cpu.train_step(batch)["loss"])
         cpu.close()
-        gpu = trainer(device.type, "gpu")
-        losses = [
-            float(gpu.train_step(gpu.dataset.batch(list(range(8 * i, 8 * i + 8))))["loss"]) for i in range(8)
-        ]
-        gpu.close()
-        report(
-            f"trainer on {device.type} (bf16 compute, fp32 master)",
-            abs(losses[0] - ref) < 0.02 * ref and losses[-1] < losses[0] - 0.3,
-            f"first loss {losses[0]:.4f} vs fp32 CPU {ref:.4f}; after 8 steps {losses[-1]:.4f}",
-        )
+        for compile in (False, True):
+            gpu = trainer(device.type, f"gpu-{compile}", compile)
+            losses = [
+                float(gpu.train_step(gpu.dataset.batch(list(range(8 * i, 8 * i + 8))))["loss"])
+                for i in range(8)
+            ]
+            gpu.close()
+            report(
+                f"trainer on {device.type} (bf16 compute, fp32 master{', compiled' if compile else ''})",
+                abs(losses[0] - ref) < 0.02 * ref and losses[-1] < losses[0] - 0.3,
+                f"first loss {losses[0]:.4f} vs fp32 CPU {ref:.4f}; after 8 steps {losses[-1]:.4f}",
+            )
+
+
+def check_compiled_loss(device) -> None:
+    """The output layer + cross-entropy as train.compile runs it, at the real vocabulary, under bf16 autocast:
+    the loss and both gradients against the eager computation, and the time of forward + backward."""
+    from qwen15.train.loss import compiled_output_loss, output_loss
+
+    g = torch.Generator(device).manual_seed(0)
+    tokens = 2048 if device.type == "cuda" else 64  # the CPU run only tests the script
+    hidden = torch.randn(2, tokens, 1024, device=device, generator=g).requires_grad_()
+    weight = (0.02 * torch.randn(151936, 1024, device=device, generator=g)).requires_grad_()
+    labels = torch.randint(0, 151936, (2, tokens), device=device, generator=g)
+    labels[:, : tokens // 20] = -100
+    results, times = {}, {}
+    for name, fn in (("eager", output_loss), ("compiled", compiled_output_loss)):
+        for _ in range(4):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast(device.type, torch.bfloat16):
+                loss = fn(hidden, weight, labels)
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name] = time.perf_counter() - t  # the last of 4 (the first compiles)
+        results[name] = (loss.detach().float(), *(x.float() for x in grads))
+    e, c = results["eager"], results["compiled"]
+    rel = [float((a - b).norm() / b.norm()) for a, b in zip(c, e)]
+    report(
+        "compiled output loss (bf16 autocast, vocab 151936)",
+        max(rel) < 1e-2,
+        f"relative diff loss {rel[0]:.1e}, grad hidden {rel[1]:.1e}, grad weight {rel[2]:.1e}; "
+        f"fwd+bwd {1e3 * times['compiled']:.1f} ms vs eager {1e3 * times['eager']:.1f} ms",
+    )
 
 
 def main() -> int:
@@ -175,7 +215,7 @@ def main() -> int:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# cuda_check on {name}, torch {torch.__version__}", flush=True)
-    for check in (check_logits, check_greedy, check_int8, check_trainer):
+    for check in (check_logits, check_greedy, check_int8, check_compiled_loss, check_trainer):
         try:
             check(device)
         except Exception:

@@ -6,9 +6,10 @@ shared machine. Ours is the real `Trainer.train_step` (micro-batching, global-to
 decay groups, schedule), fed by a dataset folder of random tokens.
 
   python bench/train.py                 # CPU: tiny and a 0.5B-width 2-layer subset; GPU too when one exists
-  python bench/train.py --only cpu-tiny
-On CUDA: 0.5B at seq 4096, micro-batch 2, bf16 — ours with FSDP2 mixed precision (fp32 master weights) and
-torch.compile, transformers with bf16 parameters and AdamW (what ANCHORS.md measured) — with MFU.
+  python bench/train.py --only cpu-tiny --compile-cpu
+On CUDA: 0.5B at seq 4096, micro-batch 2, bf16 — ours as one process trains (fp32 master weights, bf16 autocast)
+with train.compile (the blocks, and the output layer with its cross-entropy), transformers with bf16 parameters
+and AdamW (what ANCHORS.md measured) — with MFU.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ CASES = {
 }
 
 
-def ours(case: str, tmp: Path, compile: bool = True):
+def ours(case: str, tmp: Path, compile: bool = True, compile_cpu: bool = False):
     from qwen15.demo.dataset import write_dataset
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
@@ -80,7 +81,7 @@ def ours(case: str, tmp: Path, compile: bool = True):
     args += shape
     if layers:
         args += ["--model.num_hidden_layers", str(layers)]
-    if device == "cuda" and compile:
+    if (device == "cuda" and compile) or (device == "cpu" and compile_cpu):
         args += ["--train.compile", "true"]
     trainer = Trainer(load_config(None, args), echo=lambda m: None)
     b = trainer.dataset.batch(list(range(batch)))
@@ -130,10 +131,10 @@ def timed(step, device, reps: int) -> list[float]:
     return out
 
 
-def run_case(case: str, reps: int, tmp: Path, compile: bool = True) -> dict:
+def run_case(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu: bool = False) -> dict:
     from qwen15.train.metrics import flops_per_token, peak_tflops
 
-    trainer, ours_step, b = ours(case, tmp, compile)
+    trainer, ours_step, b = ours(case, tmp, compile, compile_cpu)
     ref_step = reference(case, b, trainer)
     tokens = b["input_ids"].numel()
     cuda = trainer.device.type == "cuda"
@@ -173,7 +174,10 @@ def main() -> int:
     )
     parser.add_argument("--only", choices=list(CASES), action="append")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="CUDA case: our blocks eager")
+    parser.add_argument("--no-compile", action="store_true", help="CUDA case: ours eager")
+    parser.add_argument(
+        "--compile-cpu", action="store_true", help="CPU cases: ours with train.compile (blocks and loss)"
+    )
     args = parser.parse_args()
     cases = args.only or [c for c in CASES if not c.startswith("cuda") or torch.cuda.is_available()]
     print(
@@ -182,7 +186,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
-            r = run_case(case, args.reps, Path(tmp), not args.no_compile)
+            r = run_case(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu)
             mfu = (
                 f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%"
                 if "mfu_ours" in r

@@ -63,7 +63,7 @@ class TrainSection:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; master weights stay fp32
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
-    compile: bool = False  # torch.compile each transformer block
+    compile: bool = False  # torch.compile each transformer block, and the output layer with its loss
     loss_chunk_size: int = (
         0  # >0: output projection + cross-entropy this many tokens at a time (long sequences)
     )

@@ -75,15 +75,17 @@ def forward_backward(
     global_targets: torch.Tensor,
     loss_chunk_size: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    compiled_loss: bool = False,
 ) -> torch.Tensor:
     """Forward and backward of every micro-batch of this rank for one step; gradients accumulate in the
     parameters. Returns this rank's part of the global token-mean loss (detached). With `autocast_dtype` the
-    forward runs under torch.autocast (backward follows the dtypes the forward chose)."""
+    forward runs under torch.autocast (backward follows the dtypes the forward chose); `compiled_loss` compiles
+    the output layer with its cross-entropy (qwen15.train.loss)."""
     device_type = global_targets.device.type
     total = torch.zeros((), dtype=torch.float32, device=global_targets.device)
     for mb in micro_batches:
         with torch.autocast(device_type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = micro_batch_loss(model, mb, global_targets, loss_chunk_size)
+            loss = micro_batch_loss(model, mb, global_targets, loss_chunk_size, compiled_loss)
         loss.backward()
         total += loss.detach()
     return total
@@ -411,6 +413,7 @@ class Trainer:
                 targets,
                 self.cfg.train.loss_chunk_size,
                 autocast_dtype=self.compute_dtype if self.autocast else None,
+                compiled_loss=self.cfg.train.compile,
             )
         loss = float(D.all_reduce_sum(local, self.mesh))
         if not math.isfinite(loss):
