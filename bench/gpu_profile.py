@@ -5,7 +5,7 @@
 
 Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as bench/train.py):
   transformers  bf16 parameters + torch AdamW (the reference)
-  shipped       our trainer as shipped on one GPU: fp32 master weights, bf16 autocast, compiled blocks
+  shipped       our trainer as shipped on one GPU: fp32 master weights, bf16 autocast, compiled blocks and output loss
   eager         the same without compile
 then a profiler table of one `shipped` step (top kernels by GPU time) and GPU busy time over wall time.
 (The FSDP2 rows of bench/RESULTS.md were measured with this script as of commit 36cfbfa, when one GPU still
