@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from qwen15.config import get_preset  # noqa: E402
+from qwen15.model_config import get_preset  # noqa: E402
 
 from conftest import load_into_ours, random_hf_model  # noqa: E402
 

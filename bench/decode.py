@@ -45,7 +45,7 @@ def hf_model(cfg, dtype, device):
 def ours_sharing(hf, cfg):
     """Our model whose parameters are the transformers model's tensors (no copy)."""
     from qwen15 import Qwen
-    from qwen15.checkpoint import our_name
+    from qwen15.hf_checkpoint import our_name
 
     with torch.device("meta"):
         ours = Qwen(cfg)
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
 
     import transformers
 
-    from qwen15.config import get_preset
     from qwen15.generation import Generator
+    from qwen15.model_config import get_preset
     from qwen15.sampling import SamplingParams
 
     if args.threads:

@@ -107,8 +107,8 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
         flush=True,
     )
     from qwen15 import Qwen
-    from qwen15.config import get_preset
     from qwen15.generation import Generator
+    from qwen15.model_config import get_preset
     from qwen15.sampling import SamplingParams
 
     cfg = get_preset("qwen1.5-0.5b" if CUDA else "tiny")

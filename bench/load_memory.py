@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from qwen15 import Qwen
-from qwen15.checkpoint import hf_name, save_state_dict
-from qwen15.config import get_preset
+from qwen15.hf_checkpoint import hf_name, save_state_dict
+from qwen15.model_config import get_preset
 
 PROBE = textwrap.dedent("""
     import sys, time, torch

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qwen15 import Qwen, generate
-from qwen15.checkpoint import CheckpointError
-from qwen15.config import get_preset
+from qwen15.hf_checkpoint import CheckpointError
+from qwen15.model_config import get_preset
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha", "tiny-gqa"])

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from qwen15.config import get_preset
 from qwen15.generation import Completion, GenerationError, Generator, generate, stream_generate
+from qwen15.model_config import get_preset
 from qwen15.sampling import SamplingParams
 
 from conftest import SHARED_TOKENIZER, load_into_ours, random_hf_model

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from qwen15.config import get_preset
 from qwen15.model import KVCache, Qwen
+from qwen15.model_config import get_preset
 from qwen15.parallel.layout import dp_mesh
 
 VOCAB = 512
@@ -153,7 +153,7 @@ def local_bytes(tensors) -> int:
 
 
 def activation_bytes(model, ids, labels) -> int:
-    from qwen15.parallel.loss import cross_entropy
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     params = {_plain(p).untyped_storage().data_ptr() for p in model.parameters()}
     storages = saved_activation_bytes(lambda: cross_entropy(model(ids), labels))
@@ -164,8 +164,8 @@ def activation_bytes(model, ids, labels) -> int:
 
 
 def _tp_forward_job(mesh, names):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     out = {}
     b0, b1 = batch(0, documents=True), batch(1)
@@ -205,8 +205,8 @@ def _tp_refusal_job(mesh):
 
 
 def _tp_train_job(mesh, name, steps, optimizer):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     model = apply_tensor_parallel(model_for(CONFIGS[name]), mesh)
     opt = make_optimizer(model, optimizer)
@@ -274,9 +274,9 @@ def shard_with_fsdp(model, mesh) -> None:
 def _pipeline_job(mesh, schedules, steps):
     """pp 2, with tensor parallel and FSDP2 when the mesh has them; each data-parallel rank takes its rows."""
     from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.pipeline import build_schedule, stage_modules
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     tp, dp, dp_rank = mesh["tp"].size(), dp_mesh(mesh).size(), dp_mesh(mesh).get_local_rank()
     rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)
@@ -319,8 +319,8 @@ def _pipeline_job(mesh, schedules, steps):
 
 
 def _fsdp_tp_job(mesh, steps):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     model = apply_tensor_parallel(model_for(CONFIGS["tied"]), mesh["tp"])
     shard_with_fsdp(model, mesh["dp_shard"])

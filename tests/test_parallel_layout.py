@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from qwen15.config import get_preset
 from qwen15.model import Qwen
+from qwen15.model_config import get_preset
 from qwen15.parallel.layout import LayoutError, ParallelLayout
 from qwen15.parallel.pipeline import default_costs, split_layers, stage_indices, stage_modules, stage_ranges
 

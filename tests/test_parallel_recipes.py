@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen15.config import ModelConfig, get_preset
+from qwen15.model_config import ModelConfig, get_preset
 from qwen15.parallel.memory import GIB, GPU_GIB, RESERVED_GIB, estimate_memory, recipe_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_stored_bytes_exact_and_activations_close_for_the_real_05b_width():
 
     from qwen15.model import Qwen
     from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.loss import cross_entropy
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
     from qwen15.train.config import OptimSection
     from qwen15.train.optim import build_optimizer
 

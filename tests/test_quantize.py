@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qwen15 import Qwen
-from qwen15.config import get_preset
 from qwen15.generation import generate
+from qwen15.model_config import get_preset
 from qwen15.quantize import Int8Linear, quantize_int8, quantize_rows, weight_nbytes
 
 

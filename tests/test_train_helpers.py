@@ -134,7 +134,7 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     from qwen15 import Qwen
-    from qwen15.config import ModelConfig
+    from qwen15.model_config import ModelConfig
 
     cfg = ModelConfig.from_json_file(checkpoint / "config.json")
     with torch.device("meta"):

@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Qwen": "qwen15.model",
     "KVCache": "qwen15.model",
-    "ModelConfig": "qwen15.config",
-    "get_preset": "qwen15.config",
-    "PRESETS": "qwen15.config",
+    "ModelConfig": "qwen15.model_config",
+    "get_preset": "qwen15.model_config",
+    "PRESETS": "qwen15.model_config",
     "Tokenizer": "qwen15.tokenizer",
     "generate": "qwen15.generation",
     "stream_generate": "qwen15.generation",

@@ -3,7 +3,7 @@
 Parity with transformers' Qwen2ForCausalLM decides every numerical detail here (RMSNorm in fp32, rotary angles in
 fp32, softmax in fp32 inside SDPA). Parameter names follow the Hugging Face layout without the "model." prefix, so
 the checkpoint adapter is a prefix rename. No parallelism code lives here: tensor, pipeline and data parallelism
-are applied from outside (qwen15.train.parallelize). Shapes are read from the tensors (`view(..., -1, head_dim)`),
+are applied from outside (qwen15.parallel.parallelize). Shapes are read from the tensors (`view(..., -1, head_dim)`),
 so a tensor-parallel shard of a projection works unchanged; stages of a pipeline may set `embed_tokens`, `norm`
 or `lm_head` to None and delete layers (kept in a ModuleDict so the remaining names stay those of the checkpoint).
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -349,8 +349,8 @@ class Qwen(nn.Module):
     def from_pretrained(
         cls, path: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> Qwen:
-        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors); see qwen15.checkpoint."""
-        from qwen15.checkpoint import load_pretrained
+        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors); see qwen15.hf_checkpoint."""
+        from qwen15.hf_checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
@@ -362,8 +362,8 @@ class Qwen(nn.Module):
         max_shard_size: int | str = "5GB",
         generation_config: dict | None = None,
     ) -> None:
-        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.checkpoint."""
-        from qwen15.checkpoint import CheckpointError, save_pretrained
+        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.hf_checkpoint."""
+        from qwen15.hf_checkpoint import CheckpointError, save_pretrained
 
         if self.projections_fused:
             raise CheckpointError(

@@ -16,8 +16,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from qwen15.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 from qwen15.errors import UserError
+from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
 
 # Pre-tokenizer split of Qwen (cl100k-like, but single digits: \p{N} alone).
 QWEN_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -149,7 +149,7 @@ class Tokenizer:
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
-            from qwen15.checkpoint import missing_folder_message
+            from qwen15.hf_checkpoint import missing_folder_message
 
             raise TokenizerError(missing_folder_message(str(path), "tokenizer"))
         config = (

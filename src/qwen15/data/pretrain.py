@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from qwen15.data.inputs import DataInputError, decode_error, describe_source, expand_inputs, open_text
-from qwen15.data.parallel import ordered_map, worker_tokenizer
 from qwen15.data.progress import Progress
 from qwen15.data.text_chunks import DEFAULT_CHUNK_CHARS, block_cut, read_chunks, split_pieces, text_cut
 from qwen15.data.wikitext import PARAGRAPH_SEPARATOR, clean_chunk, is_article_heading, is_heading, wiki_cut
+from qwen15.data.worker_pool import ordered_map, worker_tokenizer
 from qwen15.data.writer import RowWriter, base_meta, check_output, dataset_folder, write_meta
 from qwen15.tokenizer import Tokenizer
 

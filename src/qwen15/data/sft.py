@@ -18,9 +18,9 @@ import numpy as np
 from qwen15.chat_template import LOSS_MODES, ChatTemplateError
 from qwen15.data.inputs import DataInputError, describe_source, expand_inputs
 from qwen15.data.packing import Packer, pad_row
-from qwen15.data.parallel import ordered_map, worker_tokenizer
 from qwen15.data.progress import Progress
 from qwen15.data.records import RecordError, SkipLog, read_records, to_messages
+from qwen15.data.worker_pool import ordered_map, worker_tokenizer
 from qwen15.data.writer import RowWriter, base_meta, check_output, dataset_folder, write_meta
 from qwen15.tokenizer import Tokenizer
 

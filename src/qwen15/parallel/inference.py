@@ -57,9 +57,9 @@ def load_for_inference(
     """A Hugging Face folder loaded straight into its tensor-parallel split: the model is built on the meta
     device, split, and each rank copies only its slices from the memory-mapped safetensors (no rank ever holds
     the whole model). Same result as `shard_for_inference(Qwen.from_pretrained(folder), mesh)`."""
-    from qwen15.checkpoint import default_dtype, resolve_folder
-    from qwen15.config import ModelConfig
+    from qwen15.hf_checkpoint import default_dtype, resolve_folder
     from qwen15.model import Qwen
+    from qwen15.model_config import ModelConfig
     from qwen15.train.weights import load_hf_weights
 
     path = resolve_folder(folder)

@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from qwen15.config import ModelConfig
 from qwen15.errors import UserError
+from qwen15.model_config import ModelConfig
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")

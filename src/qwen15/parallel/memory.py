@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 from qwen15.parallel.layout import ParallelLayout
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}

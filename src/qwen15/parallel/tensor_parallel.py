@@ -6,7 +6,7 @@ Megatron's split, expressed as DTensor placements on a one-dimensional "tp" mesh
 - o and down are row-parallel: their partial sums are reduced (all-reduce, or reduce-scatter over the sequence
   with sequence parallelism);
 - the embedding and the output layer are split over the vocabulary; the logits stay split, and
-  `qwen15.parallel.loss.cross_entropy` computes the loss from the shards without gathering them.
+  `qwen15.parallel.vocab_parallel_loss.cross_entropy` computes the loss from the shards without gathering them.
 With sequence parallelism the residual stream and the norms are split along the sequence between the ranks:
 the residual is a DTensor sharded on dim 1, so the model still sees the global shape (positions, masks).
 """
@@ -49,7 +49,7 @@ def apply_tensor_parallel(
     """Split `model` (a Qwen, or a pipeline stage of one) over the ranks of `tp_mesh`, in place; returns it.
 
     loss_parallel: the output layer returns logits as a DTensor sharded over the vocabulary (feed them to
-        qwen15.parallel.loss.cross_entropy); otherwise every rank gets the full logits as a plain tensor.
+        qwen15.parallel.vocab_parallel_loss.cross_entropy); otherwise every rank gets the full logits as a plain tensor.
     vocab_parallel: split the embedding and output layer over the vocabulary; False keeps a full copy of both on
         every rank (then loss_parallel does not apply: the logits are whole).
     Every rank must hold the same weights beforehand (same seed or checkpoint): the split matrices are cut from

@@ -16,10 +16,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from qwen15.atomic import atomic_directory, atomic_write_text
-from qwen15.checkpoint import SAFE_INDEX, SAFE_SINGLE, TOKENIZER_FILES, hf_name, parse_size
-from qwen15.config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.errors import UserError
-from qwen15.train.checkpointing import read_trainer_state, resolve_checkpoint
+from qwen15.hf_checkpoint import SAFE_INDEX, SAFE_SINGLE, TOKENIZER_FILES, hf_name, parse_size
+from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
+from qwen15.train.dcp_checkpoint import read_trainer_state, resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -4,7 +4,7 @@ Each micro-batch contributes sum(CE over its unmasked labels) / (number of unmas
 batch, over all micro-batches and data-parallel ranks). Summing those contributions (gradient accumulation, then
 FSDP's gradient sum over ranks) gives exactly the mean over the global batch, however its tokens are spread, so 1,
 2 or 4 processes train identically. Under tensor parallelism the logits arrive split over the vocabulary (a
-DTensor) and qwen15.parallel.loss.cross_entropy computes the same sum without gathering them.
+DTensor) and qwen15.parallel.vocab_parallel_loss.cross_entropy computes the same sum without gathering them.
 
 Long sequences: the fp32 logits of 32768 tokens x 151936 vocabulary take 20 GB, and cross-entropy keeps as much
 again for backward. With a chunk size, the output projection and the cross-entropy run chunk by chunk, each chunk
@@ -40,7 +40,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Sum of token cross-entropies over labels != IGNORE_INDEX, computed in fp32 (a bf16 log-softmax over 152k
     logits loses about two digits). Vocabulary-split logits (a DTensor) never get gathered."""
     if isinstance(logits, DTensor):
-        from qwen15.parallel.loss import cross_entropy
+        from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
         return cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return F.cross_entropy(

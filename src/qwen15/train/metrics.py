@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from qwen15.atomic import atomic_write_bytes, atomic_write_text
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 
 # Dense bf16 tensor-core peak per device, TFLOP/s (vendor data sheets, without sparsity). Matched in order against
 # torch.cuda.get_device_name(); set metrics.peak_tflops for anything else.

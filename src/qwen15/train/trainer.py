@@ -2,7 +2,7 @@
 
 One `Trainer` per process; every process runs the same code (SPMD). The `parallel` section's layout decides the
 device mesh (pp x dp_replicate x dp_shard x tp): tensor parallel, activation checkpointing, compile and FSDP2 are
-applied to the model (or to this rank's pipeline stages) in qwen15.train.parallelize; the forward/backward of one
+applied to the model (or to this rank's pipeline stages) in qwen15.parallel.parallelize; the forward/backward of one
 step is `forward_backward` (pp 1) or the pipeline schedule (pp > 1, the loss on the last stage); the loss is the
 token mean over the GLOBAL batch in every layout (qwen15.train.loss).
 """
@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from qwen15.atomic import atomic_write_text
-from qwen15.config import IM_END_ID, ModelConfig, get_preset
 from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
 from qwen15.errors import UserError
 from qwen15.model import Qwen
+from qwen15.model_config import IM_END_ID, ModelConfig, get_preset
+from qwen15.parallel import process_group as D
 from qwen15.parallel.layout import ParallelLayout
-from qwen15.train import distributed as D
-from qwen15.train.checkpointing import CheckpointManager, resolve_checkpoint
+from qwen15.parallel.parallelize import parallelize, uses_autocast
 from qwen15.train.config import TrainConfig, TrainConfigError
+from qwen15.train.dcp_checkpoint import CheckpointManager, resolve_checkpoint
 from qwen15.train.loss import count_targets, cross_entropy_sum, micro_batch_loss
 from qwen15.train.metrics import (
     MetricsLogger,
@@ -40,7 +41,6 @@ from qwen15.train.metrics import (
     read_metrics,
 )
 from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, set_weight_decay
-from qwen15.train.parallelize import parallelize, uses_autocast
 from qwen15.train.weights import init_weights, load_hf_weights
 
 SHAPE_KEYS = (

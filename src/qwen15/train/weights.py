@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qwen15.checkpoint import (
+from qwen15.hf_checkpoint import (
     _DTYPES,
     CheckpointError,
     _weight_files,

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from qwen15.atomic import atomic_directory, atomic_write_text
-from qwen15.config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.errors import UserError
+from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from qwen15.atomic import _fsync_dir, atomic_write_text
 from qwen15.errors import UserError
-from qwen15.train.distributed import DistEnv, barrier
+from qwen15.parallel.process_group import DistEnv, barrier
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"

@@ -87,7 +87,7 @@ def parallelize(
     reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Everything in order, on a whole model or on one pipeline stage. With tp > 1 the output layer returns
-    vocabulary-split logits (a DTensor) when vocab_parallel, for qwen15.parallel.loss.cross_entropy. FSDP is
+    vocabulary-split logits (a DTensor) when vocab_parallel, for qwen15.parallel.vocab_parallel_loss.cross_entropy. FSDP is
     applied when there is more than one data-parallel rank, or when compute is not fp32 on a tensor- or
     pipeline-parallel run (its mixed-precision policy is what gives bf16 compute over fp32 master weights there).
     A single process trains the plain module: in fp32 as it is, in bf16 under `torch.autocast` (see
