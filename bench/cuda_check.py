@@ -95,7 +95,9 @@ def check_greedy(device) -> None:
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 17, 11)]
     with torch.inference_mode():
         ref = hf_greedy(hf, prompts, 64, device)
-    fused = load_into_ours(hf.cpu(), cfg).to(device).fuse_projections()  # as the commands run it
+    from qwen15.fuse import fuse_projections
+
+    fused = fuse_projections(load_into_ours(hf.cpu(), cfg).to(device))  # as the commands run it
     hf = hf.to(device)
     for compiled, model in ((False, ours), (True, ours), (True, fused)):
         engine = Generator(model, None, compile=compiled)
@@ -135,14 +137,16 @@ def check_int8(device) -> None:
 
 
 def check_trainer(device) -> None:
-    from qwen15.demo.dataset import write_dataset
+    from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = np.random.default_rng(0).integers(0, 512, (64, 129)).astype(np.uint32)
         rows[:, 1::2] = rows[:, 0:-1:2]  # learnable: every odd token repeats the one before it
-        data = write_dataset(Path(tmp) / "data", rows)
+        data = write_documents(
+            Path(tmp) / "data", [(r, [True] * len(r)) for r in rows.tolist()], seq_length=128, layout="pad"
+        )
 
         def trainer(dev, run, compile=False):
             args = [

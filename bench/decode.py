@@ -165,15 +165,14 @@ def main(argv=None) -> int:
         if current != (dname, int8):
             hf = ours = None
             hf = hf_model(cfg, dtype, device)
-            ours = ours_sharing(hf, cfg).fuse_projections()  # as the CLI runs it
-            if int8:
-                from qwen15.quantize import quantize_int8
+            if args.no_pack and not int8:
+                from qwen15.fuse import fuse_projections
 
-                ours = quantize_int8(ours)
-            elif not args.no_pack:
-                from qwen15.quantize import pack_for_cpu
+                ours = fuse_projections(ours_sharing(hf, cfg))
+            else:
+                from qwen15.prepare import prepare_for_inference
 
-                ours = pack_for_cpu(ours)  # bf16 on CPU only; a no-op otherwise
+                ours = prepare_for_inference(ours_sharing(hf, cfg), "int8" if int8 else None)  # as the CLI
             current = (dname, int8)
         gen = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, 151000, (batch, args.prompt_len), generator=gen)

@@ -12,7 +12,7 @@ then a profiler table of one `shipped` step (top kernels by GPU time) and GPU bu
 trained under FSDP2.)
 Decode, 0.5B bf16 batch 1: the whole generate loop vs replaying the compiled step alone (what the loop adds);
 decode-tuned: the same with inductor's coordinate-descent tuning of its generated kernels; decode-fused: one
-matrix for q/k/v and one for gate/up (`Qwen.fuse_projections`; the H200 run of RESULTS.md used an equivalent
+matrix for q/k/v and one for gate/up (`qwen15.fuse.fuse_projections`; the H200 run of RESULTS.md used an equivalent
 copy of it inside this script, written before the library had it); decode-kernels: compiled without CUDA graphs, a profiler table of kernels.
 """
 
@@ -116,7 +116,9 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
     model = Qwen.from_config(cfg, dtype=dtype, device=DEV)
     if fused:
         print("fused q/k/v and gate/up matrices", flush=True)
-        model.fuse_projections()
+        from qwen15.fuse import fuse_projections
+
+        fuse_projections(model)
     engine = Generator(model, None, compile=True)
     if options:
         from qwen15.generation import decode_one_token

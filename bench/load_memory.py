@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from qwen15 import Qwen
-from qwen15.hf_checkpoint import hf_name, save_state_dict
+from qwen15.hf_checkpoint import hf_name, write_hf_folder
 from qwen15.model_config import get_preset
 
 PROBE = textwrap.dedent("""
@@ -57,10 +57,18 @@ def write_random_checkpoint(preset: str, folder: Path) -> None:
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     g = torch.Generator().manual_seed(0)
-    state = {
-        name: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for name, shape in shapes.items()
-    }
-    save_state_dict(state, cfg, folder, max_shard_size="2GB")
+
+    def random_tensors(names):  # drawn shard by shard: the writer never holds the whole model
+        return {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in names}
+
+    write_hf_folder(
+        folder,
+        cfg,
+        {k: tuple(v) for k, v in shapes.items()},
+        torch.bfloat16,
+        random_tensors,
+        max_shard_size="2GB",
+    )
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qwen15 import Qwen, generate
+from qwen15.fuse import FusedAttention, FusedMLP, fuse_projections
 from qwen15.hf_checkpoint import CheckpointError
 from qwen15.model_config import get_preset
 
@@ -14,9 +15,9 @@ from qwen15.model_config import get_preset
 def test_fused_model_gives_the_same_logits_and_tokens(name):
     cfg = get_preset(name).replace(vocab_size=1000)
     plain = Qwen.from_config(cfg, seed=0)
-    fused = Qwen.from_config(cfg, seed=0).fuse_projections()
-    assert fused.projections_fused and not plain.projections_fused
+    fused = fuse_projections(Qwen.from_config(cfg, seed=0))
     attn = fused.layers["0"].self_attn
+    assert isinstance(attn, FusedAttention) and isinstance(fused.layers["1"].mlp, FusedMLP)
     assert not hasattr(attn, "q_proj") and attn.qkv_proj.weight.shape[0] == sum(attn.qkv_sizes)
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -32,10 +33,10 @@ def test_fused_model_quantizes_and_packs():
     from qwen15.quantize import Int8Linear, PackedLinear, pack_for_cpu, quantize_int8
 
     cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
-    q = quantize_int8(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    q = quantize_int8(fuse_projections(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
     assert isinstance(q.layers["0"].self_attn.qkv_proj, Int8Linear)
     assert isinstance(q.layers["0"].mlp.gate_up_proj, Int8Linear)
-    p = pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    p = pack_for_cpu(fuse_projections(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
     ref = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_fused_model_quantizes_and_packs():
 
 
 def test_a_fused_model_refuses_to_save(tmp_path):
-    model = Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0).fuse_projections()
-    with pytest.raises(CheckpointError, match="fused"):
+    model = fuse_projections(Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0))
+    with pytest.raises(CheckpointError, match="prepared for inference"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -45,7 +45,7 @@ def test_real_layouts_are_accepted():
         ("qwen1.5-110b", ParallelLayout(tp=8, pp=8, pp_schedule="GPipe", pp_microbatches=16), 64),
     ]:
         resolved = layout.validate(world, get_preset(preset))
-        assert resolved.world_size() == world
+        assert resolved.num_ranks() == world
 
 
 def test_pipeline_checks():

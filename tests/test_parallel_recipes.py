@@ -24,7 +24,7 @@ def recipe_model(cfg) -> ModelConfig:
 
 
 def layout_text(cfg, world: int) -> str:
-    p = cfg.parallel.layout().resolve(world)
+    p = cfg.parallel.resolve(world)
     dims = [f"{k} {getattr(p, k)}" for k in ("dp_replicate", "dp_shard", "tp", "pp") if getattr(p, k) > 1]
     text = " x ".join(dims) or "1 process"
     return text + (f" ({p.pp_schedule})" if p.pp > 1 else "")

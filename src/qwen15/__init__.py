@@ -1,7 +1,7 @@
 """qwen15: a PyTorch-native toolkit for the Qwen1.5 language models.
 
-from qwen15 import Qwen, Tokenizer
-model = Qwen.from_pretrained("Qwen1.5-0.5B-Chat")
+from qwen15 import Qwen, Tokenizer, generate, prepare_for_inference
+model = prepare_for_inference(Qwen.from_pretrained("Qwen1.5-0.5B-Chat"))  # for generation
 tokenizer = Tokenizer.from_pretrained("Qwen1.5-0.5B-Chat")
 """
 
@@ -19,6 +19,7 @@ _LAZY = {
     "Tokenizer": "qwen15.tokenizer",
     "generate": "qwen15.generation",
     "stream_generate": "qwen15.generation",
+    "prepare_for_inference": "qwen15.prepare",
 }
 
 __all__ = list(_LAZY)

@@ -44,13 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         mod = importlib.import_module(module)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _takes_overrides=getattr(mod, "TAKES_OVERRIDES", False))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "_takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -27,13 +27,11 @@ import torch
 
 from qwen15.errors import UserError
 from qwen15.model import KVCache, Qwen
+from qwen15.model_config import CHAT_SAMPLING
 from qwen15.sampling import SamplingParams, pick
 
 Prompt = str | Sequence[int]
 
-# Used for keys that a checkpoint's generation_config.json lacks while it asks to sample (Qwen1.5-Chat's files
-# carry top_p and repetition_penalty only; transformers would then silently use top_k 50 and temperature 1.0).
-SAMPLING_FALLBACK = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1}
 CACHE_BUCKET = 256  # compiled steps see cache lengths rounded up to this, so new lengths rarely recompile
 
 
@@ -55,7 +53,8 @@ class Completion:
 
 def sampling_defaults(generation_config: dict[str, Any] | None) -> SamplingParams:
     """Sampling settings from a checkpoint's generation_config.json: greedy unless it says do_sample; keys it lacks
-    come from SAMPLING_FALLBACK. No file: greedy."""
+    come from CHAT_SAMPLING (Qwen1.5-Chat's files carry top_p and repetition_penalty only; transformers would then
+    silently use top_k 50 and temperature 1.0). No file: greedy."""
     if not generation_config:
         return SamplingParams()
     gc = generation_config
@@ -63,10 +62,10 @@ def sampling_defaults(generation_config: dict[str, Any] | None) -> SamplingParam
     if not gc.get("do_sample", False):
         return SamplingParams(repetition_penalty=penalty)
     return SamplingParams(
-        temperature=float(gc.get("temperature", SAMPLING_FALLBACK["temperature"])),
-        top_k=int(gc.get("top_k", SAMPLING_FALLBACK["top_k"]) or 0),
-        top_p=float(gc.get("top_p", SAMPLING_FALLBACK["top_p"])),
-        repetition_penalty=float(gc.get("repetition_penalty", SAMPLING_FALLBACK["repetition_penalty"])),
+        temperature=float(gc.get("temperature", CHAT_SAMPLING["temperature"])),
+        top_k=int(gc.get("top_k", CHAT_SAMPLING["top_k"]) or 0),
+        top_p=float(gc.get("top_p", CHAT_SAMPLING["top_p"])),
+        repetition_penalty=float(gc.get("repetition_penalty", CHAT_SAMPLING["repetition_penalty"])),
     )
 
 
@@ -266,10 +265,8 @@ class Generator:
     # ------------------------------------------------------------------ steps
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
-        cfg = self.model.config
-        return KVCache(cfg.num_hidden_layers, batch, length).allocate(
-            _local_kv_heads(self.model), cfg.head_dim, self.dtype, self.device
-        )
+        """Buffers are made on first write with the keys' shape (a tensor-parallel rank: its own heads)."""
+        return KVCache(self.model.config.num_hidden_layers, batch, length)
 
     def _static_buffers(self, batch: int, length: int) -> tuple[KVCache, torch.Tensor]:
         """The cache and padding mask of the compiled step, kept between calls of the same shape: CUDA graphs
@@ -282,7 +279,10 @@ class Generator:
             or self._buffers[0].batch_size != batch
         ):
             self._buffers = None  # free the old cache first
-            cache = self._new_cache(batch, length)
+            cfg = self.model.config  # the compiled step runs on one device: every key/value head is here
+            cache = self._new_cache(batch, length).allocate(
+                cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device
+            )
             key_mask = torch.ones(batch, length, dtype=torch.bool, device=self.device)
             for t in [*cache.k, *cache.v, key_mask]:
                 torch._dynamo.mark_static_address(t)
@@ -403,21 +403,6 @@ class Generator:
                 next(it)
             except StopIteration as done:
                 return done.value
-
-
-def _local_kv_heads(model: Qwen) -> int:
-    """Key/value heads this process computes, read from the k projection's (local) weight: all of them, or
-    num_key_value_heads / tp on a tensor-parallel rank."""
-    layers = getattr(model, "layers", None)
-    if not layers:  # no blocks to read (a pipeline stage without layers, a stand-in model)
-        return model.config.num_key_value_heads
-    attn = next(iter(layers.values())).self_attn
-    if attn.qkv_sizes is not None:  # fused projections (never tensor-parallel)
-        return attn.qkv_sizes[1] // model.config.head_dim
-    weight = attn.k_proj.weight
-    if hasattr(weight, "to_local"):  # a DTensor shard
-        weight = weight.to_local()
-    return weight.shape[0] // model.config.head_dim
 
 
 def _compute_dtype(model: Qwen) -> torch.dtype:

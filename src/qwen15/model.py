@@ -10,6 +10,8 @@ or `lm_head` to None and delete layers (kept in a ModuleDict so the remaining na
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,23 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
+@dataclass
+class AttentionInputs:
+    """What every block's attention needs besides the hidden states; computed once per forward.
+
+    cos, sin [batch, seq, head_dim]: rotary embeddings of the positions. mask: boolean SDPA mask, or None for plain
+    causal attention. kv_cache, cache_positions [seq]: decoding with a cache (the new keys go to these slots);
+    key_len: attention reads only the first key_len slots of the cache.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    kv_cache: KVCache | None = None
+    cache_positions: torch.Tensor | None = None
+    key_len: int | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -102,39 +121,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=True)
         self.v_proj = nn.Linear(h, kv, bias=True)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, h, bias=False)
-        self.qkv_sizes: list[int] | None = None  # set by fuse_projections
 
-    def fuse_projections(self) -> None:
-        """Replace q_proj, k_proj and v_proj by one `qkv_proj` (same outputs): one larger matrix product instead
-        of three small ones, which is what a batch-1 decode step on a GPU is short of."""
-        parts = [self.q_proj, self.k_proj, self.v_proj]
-        self.qkv_proj = _concat_linears(parts)
-        self.qkv_sizes = [p.out_features for p in parts]
-        del self.q_proj, self.k_proj, self.v_proj
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [batch, seq, heads x head_dim] of the hidden states."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        kv_cache: KVCache | None = None,
-        cache_positions: torch.Tensor | None = None,
-        key_len: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         b, s, _ = x.shape
-        if self.qkv_sizes is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project(x)
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, cache_positions, k, v)
-            if key_len is not None:
-                k, v = k[:, :, :key_len], v[:, :, :key_len]
+        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        if inputs.kv_cache is not None:
+            k, v = inputs.kv_cache.update(self.layer_idx, inputs.cache_positions, k, v)
+            if inputs.key_len is not None:
+                k, v = k[:, :, : inputs.key_len], v[:, :, : inputs.key_len]
+        mask = inputs.mask
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -147,34 +150,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.fused = False
 
-    def fuse_projections(self) -> None:
-        """Replace gate_proj and up_proj by one `gate_up_proj` (same outputs), as Attention.fuse_projections."""
-        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
-        self.fused = True
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_and_up(x)
         return self.down_proj(F.silu(gate) * up)
-
-
-@torch.no_grad()
-def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of the given ones' outputs."""
-    w = linears[0].weight
-    has_bias = linears[0].bias is not None
-    fused = nn.Linear(
-        w.shape[1], sum(m.out_features for m in linears), bias=has_bias, device=w.device, dtype=w.dtype
-    )
-    fused.weight.copy_(torch.cat([m.weight for m in linears]))
-    if has_bias:
-        fused.bias.copy_(torch.cat([m.bias for m in linears]))
-    return fused
 
 
 class Block(nn.Module):
@@ -185,8 +167,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, key_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_positions, key_len)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -233,22 +215,6 @@ class Qwen(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config: dict | None = None  # generation_config.json of the checkpoint, when loaded
         self.tie_weights()
-
-    def fuse_projections(self) -> Qwen:
-        """For inference: one matrix for q/k/v and one for gate/up in every block (same outputs, fewer and larger
-        kernels: 0.5B batch-1 decode on an H200 went from ~590 to ~820 tokens/s, bench/RESULTS.md). In place;
-        returns the model. A fused model keeps working for generation, int8 and CPU packing, but it is not saved
-        or split for tensor parallelism: load the checkpoint again for that."""
-        for block in self.layers.values():
-            if block.self_attn.qkv_sizes is None:
-                block.self_attn.fuse_projections()
-            if not block.mlp.fused:
-                block.mlp.fuse_projections()
-        return self
-
-    @property
-    def projections_fused(self) -> bool:
-        return any(block.mlp.fused for block in self.layers.values())
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
@@ -317,8 +283,9 @@ class Qwen(nn.Module):
             else:
                 mask = attention_mask(torch.arange(s, device=x.device), s, key_padding_mask, document_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        inputs = AttentionInputs(cos, sin, mask, kv_cache, cache_positions, key_len)
         for layer in self.layers.values():
-            x = layer(x, cos, sin, mask, kv_cache, cache_positions, key_len)
+            x = layer(x, inputs)
         if self.norm is not None:
             x = self.norm(x)
         if last_only:
@@ -349,7 +316,8 @@ class Qwen(nn.Module):
     def from_pretrained(
         cls, path: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> Qwen:
-        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors); see qwen15.hf_checkpoint."""
+        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors) in eval mode; see qwen15.hf_checkpoint.
+        For fast generation pass the model through qwen15.prepare_for_inference."""
         from qwen15.hf_checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
@@ -363,13 +331,7 @@ class Qwen(nn.Module):
         generation_config: dict | None = None,
     ) -> None:
         """Write a Hugging Face folder that transformers loads unchanged; see qwen15.hf_checkpoint."""
-        from qwen15.hf_checkpoint import CheckpointError, save_pretrained
-
-        if self.projections_fused:
-            raise CheckpointError(
-                f"cannot save to {path}: this model's projections were fused for inference (fuse_projections), "
-                "which changes its tensor names; save a model loaded without fusing"
-            )
+        from qwen15.hf_checkpoint import save_pretrained
 
         save_pretrained(
             self,

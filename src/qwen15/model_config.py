@@ -14,6 +14,11 @@ ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
 IM_END_ID = 151645
 TOKENIZER_VOCAB = 151646  # tokens the tokenizer knows; embedding rows beyond this are padding
+IGNORE_INDEX = -100  # the label of a token that carries no loss (torch's cross_entropy default)
+# Qwen1.5-Chat's sampling settings (its generation_config.json sets top_p and repetition_penalty; the model cards
+# recommend temperature 0.7 and top_k 20): used wherever a chat model samples without its own values.
+CHAT_SAMPLING = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.1}
+_SHAPE = {"shape": True}  # field metadata: the key changes the architecture (a resume must match it)
 
 
 class ConfigError(UserError):
@@ -22,16 +27,16 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int = 151936
-    max_position_embeddings: int = 32768
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
+    hidden_size: int = field(metadata=_SHAPE)
+    intermediate_size: int = field(metadata=_SHAPE)
+    num_hidden_layers: int = field(metadata=_SHAPE)
+    num_attention_heads: int = field(metadata=_SHAPE)
+    num_key_value_heads: int = field(metadata=_SHAPE)
+    vocab_size: int = field(default=151936, metadata=_SHAPE)
+    max_position_embeddings: int = field(default=32768, metadata=_SHAPE)
+    rope_theta: float = field(default=1e6, metadata=_SHAPE)
+    rms_norm_eps: float = field(default=1e-6, metadata=_SHAPE)
+    tie_word_embeddings: bool = field(default=False, metadata=_SHAPE)
     bos_token_id: int | None = ENDOFTEXT_ID
     eos_token_id: int | list[int] | None = ENDOFTEXT_ID
     torch_dtype: str = "bfloat16"
@@ -50,15 +55,7 @@ class ModelConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def validate(self, where: str = "model config") -> None:
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "vocab_size",
-            "max_position_embeddings",
-        ):
+        for name in (f.name for f in dataclasses.fields(self) if f.metadata.get("shape") and f.type == "int"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{where}: '{name}' must be a positive integer, got {value!r}")
@@ -182,25 +179,20 @@ class ModelConfig:
         ]
         if missing:
             raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-        theta = data.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         dtype = data.get("torch_dtype") or data.get("dtype") or "bfloat16"
-        extra = {k: data[k] for k in _HF_KEPT_EXTRA if k in data}
+        shape = {k: data[k] for k in SHAPE_KEYS if data.get(k) is not None}
+        shape.setdefault("num_key_value_heads", data["num_attention_heads"])
+        shape["rope_theta"] = data.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         try:
+            shape["rope_theta"] = float(shape["rope_theta"])
+            shape["rms_norm_eps"] = float(shape.get("rms_norm_eps", 1e-6))
+            shape["tie_word_embeddings"] = bool(shape.get("tie_word_embeddings", False))
             return cls(
-                hidden_size=data["hidden_size"],
-                intermediate_size=data["intermediate_size"],
-                num_hidden_layers=data["num_hidden_layers"],
-                num_attention_heads=data["num_attention_heads"],
-                num_key_value_heads=data.get("num_key_value_heads") or data["num_attention_heads"],
-                vocab_size=data.get("vocab_size", 151936),
-                max_position_embeddings=data.get("max_position_embeddings", 32768),
-                rope_theta=float(theta),
-                rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+                **shape,
                 bos_token_id=data.get("bos_token_id"),
                 eos_token_id=data.get("eos_token_id"),
                 torch_dtype=str(dtype),
-                extra=extra,
+                extra={k: data[k] for k in _HF_KEPT_EXTRA if k in data},
             )
         except ConfigError as e:
             raise ConfigError(str(e).replace("model config", where)) from None
@@ -226,20 +218,13 @@ class ModelConfig:
         atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
+# The keys that change the architecture (a resume or a loaded checkpoint must match them).
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("shape"))
 # Keys of a qwen2 config.json that we read.
 _HF_USED = {
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_position_embeddings",
-    "rope_theta",
+    *SHAPE_KEYS,
     "rope_parameters",
     "rope_scaling",
-    "rms_norm_eps",
-    "tie_word_embeddings",
     "bos_token_id",
     "eos_token_id",
     "torch_dtype",

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import sys
 
-from qwen15.commands.generate import SAMPLING_HELP, add_model_arguments, add_sampling_arguments
+from qwen15.commands.options import SAMPLING_HELP, add_model_arguments, add_sampling_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +51,9 @@ def _session(args: argparse.Namespace, model, tokenizer):
     base = sampling_defaults(getattr(model, "generation_config", None))
     if args.temperature is None and getattr(model, "generation_config", None) is None:
         # no generation_config.json: chat samples with Qwen1.5-Chat's recommended values
-        from qwen15.generation import SAMPLING_FALLBACK
+        from qwen15.model_config import CHAT_SAMPLING
 
-        base = SamplingParams(**SAMPLING_FALLBACK)
+        base = SamplingParams(**CHAT_SAMPLING)
     temperature = 0.0 if args.greedy else args.temperature
     sampling = SamplingParams(
         temperature=base.temperature if temperature is None else temperature,
@@ -93,7 +93,7 @@ def _answer(session, question: str, out) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qwen15.chat import DEMO_QUESTIONS
-    from qwen15.commands.generate import load_model
+    from qwen15.commands.options import load_model
     from qwen15.errors import UserError
 
     model, tokenizer = load_model(args)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     questions = list(DEMO_QUESTIONS) if args.run_demo else args.predict_data
     if questions is None:
-        from qwen15.commands.generate import tensor_parallel_world
+        from qwen15.commands.options import tensor_parallel_world
 
         if tensor_parallel_world() > 1:
             raise UserError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen15.commands.generate import add_model_arguments
+from qwen15.commands.options import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qwen15.commands.generate import load_model
+    from qwen15.commands.options import load_model
     from qwen15.perplexity import PerplexityError, perplexity
 
     path = Path(args.data)

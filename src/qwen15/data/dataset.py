@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from qwen15.errors import UserError
+from qwen15.model_config import IGNORE_INDEX
 
 FORMAT = "qwen15-tokens"
-IGNORE_INDEX = -100
 
 
 class DatasetError(UserError):

@@ -147,3 +147,38 @@ def base_meta(kind: str, layout: str, seq_length: int, tokenizer, sources: list[
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_documents(
+    path: str | Path,
+    documents: list[tuple[list[int], list[bool]]],
+    *,
+    seq_length: int,
+    layout: str = "pack",
+    pad_id: int = 0,
+    overwrite: bool = False,
+    **meta: Any,
+) -> Path:
+    """A dataset folder from token documents already in memory ((ids, loss mask) pairs), laid out as `qwen15 data
+    preprocess` lays out conversations: "pack" (whole documents packed into rows, the first token of each carrying
+    no loss) or "pad" (one per row, right-padded); longer documents are truncated to a row. `meta` adds keys to
+    meta.json (type, vocab_size, tokenizer_fingerprint ...)."""
+    from qwen15.data.packing import Packer, pad_row
+
+    row_len = seq_length + 1
+    with dataset_folder(path, overwrite) as folder:
+        with RowWriter(folder, row_len, doc_ids=layout == "pack") as writer:
+            packer = Packer(row_len, pad_id, lambda t, m, d: writer.write(t[None], m[None], d[None]))
+            for ids, mask in documents:
+                ids, mask = np.asarray(ids[:row_len], np.uint32), np.array(mask[:row_len], bool)
+                if layout == "pack":
+                    mask[0] = False  # not predictable from its own document
+                    packer.add(ids, mask)
+                else:
+                    writer.write(*(a[None] for a in pad_row(ids, mask, row_len, pad_id)))
+            packer.finish()
+        tokens = sum(min(len(ids), row_len) for ids, _ in documents)
+        info = {"format": FORMAT, "version": VERSION, "layout": layout, "seq_length": seq_length}
+        info.update(row_length=row_len, rows=writer.rows, tokens=tokens, **meta)
+        write_meta(folder, info)
+    return Path(path)

@@ -179,7 +179,7 @@ def estimate_memory(
     from qwen15.parallel.pipeline import stage_indices, stage_ranges
 
     if world_size is not None or layout.dp_shard == -1:
-        layout = layout.validate(world_size if world_size is not None else layout.world_size(), config)
+        layout = layout.validate(world_size if world_size is not None else layout.num_ranks(), config)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     pbytes, cbytes = dtype_bytes(param_dtype), dtype_bytes(compute_dtype)
@@ -261,7 +261,7 @@ def recipe_memory(
     if seq_len is None:
         raise ValueError("the recipe sets no data.seq_length: pass the dataset's row length as seq_len")
 
-    layout = cfg.parallel.layout().resolve(world_size)
+    layout = cfg.parallel.resolve(world_size)
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp
     if layout.pp > 1 and layout.pp_microbatches is None:

@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from qwen15.parallel.layout import ParallelLayout
+from qwen15.parallel.layout import ParallelLayout, RunMesh
 from qwen15.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -42,27 +42,19 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reshard_after_forward: bool = True,
 ) -> None:
-    """FSDP2 over `mesh` (the "dp_shard" dimension, or ("dp_replicate", "dp_shard") for HSDP: sharded within,
-    replicated across): each block is one unit, the rest (embedding, norm, lm_head) the root. Parameters stay fp32 (master weights and optimizer state); compute runs in `param_dtype`, gradients
-    are reduced in fp32. Gradients are summed, not averaged, across ranks: the loss is already normalised by the
-    global token count (qwen15.train.loss), so averaging again would divide by the world size twice.
-    """
+    """FSDP2 over `mesh` ("dp_shard", or ("dp_replicate", "dp_shard") for HSDP): each block one unit, the rest
+    (embedding, norm, lm_head) the root. Parameters stay fp32 (master weights and optimizer state); compute runs in
+    `param_dtype`, gradients are reduced in fp32 and summed, not averaged: the loss is already normalised by the
+    global token count (qwen15.train.loss), so averaging again would divide by the world size twice."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    dp_mesh = mesh
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     # The root's parameters are needed again at the start of backward: keeping them saves one all-gather.
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
-
-
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Gradient accumulation without communication: reduce only on the last micro-batch of a step."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
 
 
 def uses_autocast(model: nn.Module, compute_dtype: torch.dtype) -> bool:
@@ -71,28 +63,26 @@ def uses_autocast(model: nn.Module, compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32 and not isinstance(model, FSDPModule)
 
 
-def data_parallel_mesh(mesh: DeviceMesh, layout: ParallelLayout) -> DeviceMesh:
+def data_parallel_mesh(mesh: RunMesh, layout: ParallelLayout) -> DeviceMesh:
     """The mesh FSDP2 runs on: ("dp_replicate", "dp_shard") for HSDP, else "dp_shard"."""
     return mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
 
 
 def parallelize(
     model: nn.Module,
-    mesh: DeviceMesh,
+    mesh: RunMesh,
     layout: ParallelLayout,
     *,
     compute_dtype: torch.dtype,
     activation_checkpointing: bool = False,
     compile: bool = False,
-    reshard_after_forward: bool = True,
 ) -> nn.Module:
     """Everything in order, on a whole model or on one pipeline stage. With tp > 1 the output layer returns
-    vocabulary-split logits (a DTensor) when vocab_parallel, for qwen15.parallel.vocab_parallel_loss.cross_entropy. FSDP is
+    vocabulary-split logits (a DTensor) when vocab_parallel, for qwen15.parallel.vocab_parallel_loss. FSDP is
     applied when there is more than one data-parallel rank, or when compute is not fp32 on a tensor- or
-    pipeline-parallel run (its mixed-precision policy is what gives bf16 compute over fp32 master weights there).
-    A single process trains the plain module: in fp32 as it is, in bf16 under `torch.autocast` (see
-    `uses_autocast`) — FSDP2 on one GPU shards nothing and its per-block hooks kept an H200 idle half of a 0.5B
-    step (bench/RESULTS.md)."""
+    pipeline-parallel run (its mixed-precision policy gives bf16 compute over fp32 master weights there). A single
+    process trains the plain module, in bf16 under `torch.autocast` (see `uses_autocast`): FSDP2 on one device
+    shards nothing and its per-block hooks cost time."""
     if layout.tp > 1:
         apply_tensor_parallel(
             model,
@@ -110,6 +100,6 @@ def parallelize(
             model,
             data_parallel_mesh(mesh, layout),
             param_dtype=compute_dtype,
-            reshard_after_forward=reshard_after_forward,
+            reshard_after_forward=layout.reshard_after_forward,
         )
     return model

@@ -1,9 +1,5 @@
-"""Process group and device mesh: one process (`python -m qwen15 train`) or many (`torchrun`, one or many nodes).
-
-The device mesh of a run is built here, by qwen15.parallel.layout.build_mesh, with named dimensions pp,
-dp_replicate, dp_shard, tp (size-1 dimensions kept) and the flattened "dp" (dp_replicate x dp_shard: the ranks
-that read different rows). Tensor- and pipeline-parallel ranks of one data-parallel rank read the same rows.
-"""
+"""The process group: one process (`python -m qwen15 train`) or many (`torchrun`, one or many nodes), and the
+collectives the trainer needs over the run's mesh (qwen15.parallel.layout.RunMesh)."""
 
 from __future__ import annotations
 
@@ -12,11 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
 from qwen15.errors import UserError
-from qwen15.parallel.layout import ParallelLayout, dp_mesh
-from qwen15.parallel.layout import build_mesh as build_layout_mesh
+from qwen15.parallel.layout import RunMesh
 
 
 class DistributedError(UserError):
@@ -75,33 +69,14 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def build_mesh(env: DistEnv, layout: ParallelLayout) -> DeviceMesh:
-    """The device mesh of the run's layout (already validated against the world size and the model)."""
-    return build_layout_mesh(layout, env.device.type)
-
-
-def dp_info(mesh: DeviceMesh) -> tuple[int, int]:
-    """(rank, size) of this process along the data-parallel dimensions of the mesh."""
-    dp = dp_mesh(mesh)
-    return dp.get_local_rank(), dp.size()
-
-
-def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None = None, dim: str = "dp") -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, mesh: RunMesh | None = None, dim: str = "dp") -> torch.Tensor:
     """Sum over the mesh dimension `dim` (default: the data-parallel ranks), in place; returned for chaining."""
     group = None
     if mesh is not None:
-        group = (dp_mesh(mesh) if dim == "dp" else mesh[dim]).get_group()
+        group = (mesh.dp if dim == "dp" else mesh[dim]).get_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
-
-
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def barrier() -> None:

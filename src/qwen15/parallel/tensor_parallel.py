@@ -25,9 +25,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-# Attention.forward(x, cos, sin, mask, kv_cache, cache_positions, key_len): only x is split.
-_ATTENTION_ARGS = 7
-
 
 def check_tensor_parallel(config, tp: int, *, vocab_parallel: bool = True) -> None:
     """Refuse shapes that do not split over `tp` ranks (same checks and messages as ParallelLayout.validate)."""
@@ -87,10 +84,8 @@ def apply_tensor_parallel(
     # Inside each block: attention and MLP take the full sequence (all-gathered from the sequence shards with sp)
     # and hand back partial sums reduced onto the residual's layout.
     block_plan: dict[str, object] = {
-        "self_attn": PrepareModuleInput(
-            input_layouts=(residual,) + (None,) * (_ATTENTION_ARGS - 1),
-            desired_input_layouts=(Replicate(),) + (None,) * (_ATTENTION_ARGS - 1),
-            use_local_output=True,
+        "self_attn": PrepareModuleInput(  # Attention.forward(x, inputs): only x is split
+            input_layouts=(residual, None), desired_input_layouts=(Replicate(), None), use_local_output=True
         ),
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-IGNORE_INDEX = -100
+from qwen15.model_config import IGNORE_INDEX
 
 
 def cross_entropy(

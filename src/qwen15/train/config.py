@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from qwen15.errors import UserError
+from qwen15.model_config import CHAT_SAMPLING, SHAPE_KEYS, ModelConfig
+from qwen15.parallel.layout import ParallelLayout
 
 
 class TrainConfigError(UserError):
@@ -24,25 +26,22 @@ class TrainConfigError(UserError):
 
 
 @dataclass
-class ModelSection:
+class _ModelSource:
     preset: str | None = None  # a built-in shape (qwen1.5-7b, tiny ...), for pretraining from random init
     path: str | None = None  # a Hugging Face folder: the weights to finetune (or continue pretraining from)
     config: str | None = None  # a config.json giving the shape, for pretraining from random init
-    tokenizer: str | None = (
-        None  # folder with tokenizer files shipped with checkpoints/exports (default: path)
-    )
+    tokenizer: str | None = None  # tokenizer folder shipped with checkpoints/exports (default: path)
     chat: bool | None = None  # export as a chat model (stops on <|im_end|>); default: when the data is chat
     init_seed: int = 0  # random init of pretraining (the same weights for any number of processes)
-    # Shape overrides applied on top of the preset / config.json (small vocabularies, layer subsets).
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    tie_word_embeddings: bool | None = None
+
+
+# The model section: where the model comes from, and every architecture key of ModelConfig as an optional
+# override on top of the preset / config.json (small vocabularies, layer subsets ...).
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(k, typing.get_type_hints(ModelConfig)[k] | None, field(default=None)) for k in SHAPE_KEYS],
+    bases=(_ModelSource,),
+)
 
 
 @dataclass
@@ -83,44 +82,6 @@ class OptimSection:
 
 
 @dataclass
-class ParallelSection:
-    """The parallel layout (qwen15.parallel.layout.ParallelLayout, documented in docs/parallel.md) plus training
-    options. pp x dp_replicate x dp_shard x tp must equal the number of processes (dp_shard -1 fills it in)."""
-
-    world_size: int | None = None  # processes the recipe is laid out for (checked at launch when set)
-    dp_replicate: int = 1  # HSDP: replicas of the FSDP shards (plain replication across node groups)
-    dp_shard: int = -1  # FSDP2 data-parallel sharding degree; -1: every process left by the other dimensions
-    tp: int = 1  # tensor parallel: heads, MLP columns and the vocabulary split over this many ranks
-    sequence_parallel: bool = True  # with tp: norms and residual stream split along the sequence
-    vocab_parallel: bool = True  # with tp: embedding and output layer split over the vocabulary
-    pp: int = 1  # pipeline stages (whole layers per stage)
-    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
-    pp_microbatches: int | None = None  # default: the rank's rows / train.micro_batch_size
-    pp_stages_per_rank: int | None = None  # default 2 for Interleaved1F1B, else 1
-    pp_embedding_cost: float | None = None  # stage balancing weights, in layers (null: from the shapes)
-    pp_output_cost: float | None = None
-    reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3); false: ZeRO-2 style
-
-    def layout(self):
-        """The ParallelLayout of this section (not yet checked against a world size or model)."""
-        from qwen15.parallel.layout import ParallelLayout
-
-        return ParallelLayout(
-            dp_replicate=self.dp_replicate,
-            dp_shard=self.dp_shard,
-            tp=self.tp,
-            sequence_parallel=self.sequence_parallel,
-            pp=self.pp,
-            pp_schedule=self.pp_schedule,
-            pp_microbatches=self.pp_microbatches,
-            pp_stages_per_rank=self.pp_stages_per_rank,
-            vocab_parallel=self.vocab_parallel,
-            pp_embedding_cost=self.pp_embedding_cost,
-            pp_output_cost=self.pp_output_cost,
-        )
-
-
-@dataclass
 class CheckpointSection:
     dir: str | None = None  # default: <run_dir>/checkpoints (must be shared by all nodes)
     every: int = 0  # save every N steps (0: only at the end)
@@ -142,10 +103,10 @@ class GenerationSection:
     """Sampling settings written into the exported generation_config.json (chat models)."""
 
     do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.1
+    temperature: float = CHAT_SAMPLING["temperature"]
+    top_p: float = CHAT_SAMPLING["top_p"]
+    top_k: int = CHAT_SAMPLING["top_k"]
+    repetition_penalty: float = CHAT_SAMPLING["repetition_penalty"]
     max_new_tokens: int = 512
 
 
@@ -155,7 +116,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     generation: GenerationSection = field(default_factory=GenerationSection)

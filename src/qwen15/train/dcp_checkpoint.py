@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from qwen15.atomic import _fsync_dir, atomic_write_text
+from qwen15.atomic import atomic_write_text, fsync_dir, fsync_tree
 from qwen15.errors import UserError
 from qwen15.parallel.process_group import DistEnv, barrier
 
@@ -130,7 +130,7 @@ class CheckpointManager:
             trainer_state = dict(trainer_state, step=step, saved_at=time.strftime("%Y-%m-%d %H:%M:%S"))
             atomic_write_text(tmp / STATE, json.dumps(trainer_state, indent=2) + "\n")
             write_files(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             atomic_write_text(
                 tmp / MARKER, json.dumps({"step": step, "world_size": self.env.world_size}) + "\n"
             )
@@ -140,7 +140,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             for stale in complete_checkpoints(self.folder)[: -self.keep]:
@@ -216,12 +216,3 @@ def _load_rng(path: Path) -> None:
     torch.set_rng_state(tensors["cpu"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(d)

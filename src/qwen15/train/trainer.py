@@ -23,10 +23,11 @@ from torch import nn
 from qwen15.atomic import atomic_write_text
 from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
 from qwen15.errors import UserError
+from qwen15.hf_checkpoint import load_weights
 from qwen15.model import Qwen
-from qwen15.model_config import IM_END_ID, ModelConfig, get_preset
+from qwen15.model_config import IM_END_ID, SHAPE_KEYS, ModelConfig, get_preset
 from qwen15.parallel import process_group as D
-from qwen15.parallel.layout import ParallelLayout
+from qwen15.parallel.layout import ParallelLayout, build_mesh
 from qwen15.parallel.parallelize import parallelize, uses_autocast
 from qwen15.train.config import TrainConfig, TrainConfigError
 from qwen15.train.dcp_checkpoint import CheckpointManager, resolve_checkpoint
@@ -41,19 +42,7 @@ from qwen15.train.metrics import (
     read_metrics,
 )
 from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, set_weight_decay
-from qwen15.train.weights import init_weights, load_hf_weights
-
-SHAPE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_position_embeddings",
-    "rope_theta",
-    "tie_word_embeddings",
-)
+from qwen15.train.random_init import init_weights
 
 
 class TrainingDiverged(UserError):
@@ -143,8 +132,8 @@ class Trainer:
             )
         self.model_config = model_config_from(cfg)
         self.layout = self._layout()
-        self.mesh = D.build_mesh(env, self.layout)
-        self.dp_rank, self.dp_size = D.dp_info(self.mesh)
+        self.mesh = build_mesh(self.layout, env.device.type)
+        self.dp_rank, self.dp_size = self.mesh.dp.get_local_rank(), self.mesh.dp.size()
         self.pp_rank = self.mesh["pp"].get_local_rank()
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.accumulation = gbs // (self.dp_size * mbs)
@@ -187,14 +176,13 @@ class Trainer:
                 compute_dtype=self.compute_dtype,
                 activation_checkpointing=cfg.train.activation_checkpointing,
                 compile=cfg.train.compile,
-                reshard_after_forward=cfg.parallel.reshard_after_forward,
             )
             part.to_empty(device=self.device)
             part.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them)
         self.autocast = uses_autocast(parts[0], self.compute_dtype)
         if cfg.model.path is not None:
             self.log(f"loading weights from {cfg.model.path}")
-            load_hf_weights(parts, cfg.model.path)
+            load_weights(parts, cfg.model.path)
         else:
             init_weights(parts, cfg.model.init_seed)
         for part in parts:
@@ -202,7 +190,6 @@ class Trainer:
         self.parts = parts
         self.model = parts[0]  # the whole model when pp is 1
         self.optimizers = [build_optimizer(part, cfg.optim) for part in parts]
-        self.optimizer = self.optimizers[0]
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
 
         self.step = 0
@@ -239,7 +226,7 @@ class Trainer:
                 f"note: this recipe is laid out for parallel.world_size {par.world_size} processes but "
                 f"{world} were started; the layout is checked against {world}"
             )
-        layout = par.layout().resolve(world)
+        layout = par.resolve(world)
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         if gbs % (layout.dp * mbs):
             raise TrainConfigError(
@@ -467,7 +454,7 @@ class Trainer:
         )
 
     def _layout_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.layout)
+        return self.layout.split()
 
     def _generation_settings(self) -> dict[str, Any]:
         g = self.cfg.generation
