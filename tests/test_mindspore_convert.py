@@ -255,3 +255,31 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, capsys):
     assert cli("--from", "mindspore", bad, tmp_path / "out") == 2
     assert "--from mindspore needs the model shapes" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "config.json"]
+
+
+def test_options_of_the_other_direction_are_refused(tmp_path, capsys):
+    assert cli("--to", "mindspore", tmp_path, tmp_path / "x.ckpt", "--config", "c.yaml") == 2
+    assert "--config applies to --from mindspore only" in capsys.readouterr().err
+    assert cli("--from", "mindspore", tmp_path, tmp_path / "hf", "--crc") == 2
+    assert "--crc applies to --to mindspore only" in capsys.readouterr().err
+    assert cli("--to", "mindspore", tmp_path, tmp_path / "x.ckpt", "--chat") == 2
+    assert cli(tmp_path, tmp_path / "hf", "--strategy", "s") == 2
+
+
+def test_the_input_is_never_replaced(tmp_path):
+    import shutil
+
+    shutil.copytree(FIX / "sharded" / "checkpoint", tmp_path / "ckpt")
+    with pytest.raises(MigrationError, match="holds the input"):
+        mindspore_to_hf(
+            tmp_path / "ckpt" / "rank_0", tmp_path / "ckpt", fixture_config("gqa"), overwrite=True
+        )
+    assert (tmp_path / "ckpt" / "rank_0" / "qwen_rank_0.ckpt").is_file()
+
+
+def test_chat_flag_sets_the_stop_tokens(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(fixture_config("mha_tied").to_hf_dict()))
+    assert cli("--from", "mindspore", FIX / "tied_fp16.ckpt", tmp_path / "hf", "--config", tmp_path / "config.json",
+               "--chat") == 0  # fmt: skip
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [151645, 151643] and gen["do_sample"] is True

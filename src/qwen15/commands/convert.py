@@ -61,7 +61,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ms.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+_ONLY = {  # option -> the directions it belongs to
+    "config": ("from",),
+    "tokenizer": ("from",),
+    "strategy": ("from",),
+    "skip_lora": ("from",),
+    "crc": ("to",),
+    "qkv_layout": ("from", "to"),
+}
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that the chosen direction would ignore."""
+    from qwen15.errors import UserError
+
+    direction = "from" if args.source == "mindspore" else "to" if args.to == "mindspore" else None
+    for name, allowed in _ONLY.items():
+        if getattr(args, name) not in (None, False) and direction not in allowed:
+            where = " or ".join(f"--{d} mindspore" for d in allowed)
+            raise UserError(f"--{name.replace('_', '-')} applies to {where} only")
+    if direction == "to" and args.chat is not None:
+        raise UserError("--chat/--base do not apply to --to mindspore (a .ckpt holds weights only)")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     if args.source == "mindspore" or args.to == "mindspore":
         return _mindspore(args)
     from qwen15.train.export import export_hf
@@ -103,6 +127,10 @@ def _mindspore(args: argparse.Namespace) -> int:
         from qwen15.mindspore.mindformers_config import load_model_config
 
         config, _ = load_model_config(args.config)
+        if args.chat is not None:  # as `--to hf` does: a chat model stops on <|im_end|>
+            from qwen15.config import ENDOFTEXT_ID, IM_END_ID
+
+            config = config.replace(eos_token_id=IM_END_ID if args.chat else ENDOFTEXT_ID)
         s = mindspore_to_hf(
             args.checkpoint,
             args.out_dir,

@@ -55,18 +55,29 @@ class Summary:
             shown = ", ".join(items[:4]) + (f", ... ({len(items) - 4} more)" if len(items) > 4 else "")
             out.append(f"  skipped {len(items)} {why}: {shown}")
         if self.scalars:
-            out.append(
-                "  training values (not part of the model): "
-                + ", ".join(f"{k}={v}" for k, v in self.scalars.items())
+            shown = ", ".join(
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.scalars.items()
             )
+            out.append(f"  training values (not part of the model): {shown}")
         return out
+
+
+def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
+    """An output that is, or would replace a folder holding, one of the inputs (never delete the input)."""
+    target = out.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if p == target or target in p.parents:
+            raise MigrationError(f"{out}: holds the input {p}; write the output somewhere else")
 
 
 def open_mindspore(path: Path, strategy: Path | None):
     """A .ckpt file, or a folder of rank_N/ per-rank checkpoints (merged by their strategy)."""
     if path.is_dir():
         if any(path.glob("rank_*")):
-            return ShardedCheckpoint(path, strategy)
+            return ShardedCheckpoint(
+                path, strategy, merge=lambda name: not name.startswith(N.OPTIMIZER_PREFIXES)
+            )
         files = sorted(path.glob("*.ckpt"))
         if len(files) != 1:
             raise MigrationError(
@@ -227,6 +238,7 @@ def mindspore_to_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise MigrationError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    refuse_overwriting_input(out, [Path(checkpoint)] + ([Path(strategy)] if strategy else []))
     source = open_mindspore(Path(checkpoint), Path(strategy) if strategy else None)
     summary = Summary()
     try:
@@ -289,6 +301,7 @@ def hf_to_mindspore(
         raise MigrationError(f"{folder}: no such Hugging Face folder")
     if out.exists() and not overwrite:
         raise MigrationError(f"{out}: exists; pass --overwrite to replace it")
+    refuse_overwriting_input(out, [folder, *folder.glob("*")])
     cfg = ModelConfig.from_json_file(folder / "config.json")
     found = {t.name: t for t in read_hf_folder(folder)}
     expected = N.mindformers_shapes(cfg)

@@ -30,6 +30,9 @@ def mindrecord_to_dataset(
     check_output(output, overwrite)
     start = time.perf_counter()
     data = MindRecord(path)
+    target = Path(output).resolve()
+    if any(target == f.resolve() or target in f.resolve().parents for f in data.files()):
+        raise DataInputError(f"{output}: holds the input {path}; write the dataset somewhere else")
     fields = set(data.fields)
     if fields == {"input_ids"}:
         kind, layout = "text", "rows"

@@ -229,10 +229,11 @@ def find_strategy(folder: Path) -> Path | None:
 
 
 class ShardedCheckpoint:
-    """The tensors of a rank_N/ folder set, merged; only parameters with a layout and their scalars."""
+    """The tensors of a set of rank_N/ folders, merged by their layouts (those `merge` declines, e.g. optimizer
+    state that is never converted, and those without a layout are taken from the first rank holding them)."""
 
-    def __init__(self, folder: Path, strategy: Path | None):
-        self.folder = folder
+    def __init__(self, folder: Path, strategy: Path | None, merge=lambda name: True):
+        self.folder, self.merge = folder, merge
         self.files = rank_files(folder)
         if strategy is None:
             strategy = find_strategy(folder)
@@ -259,7 +260,7 @@ class ShardedCheckpoint:
             names.update(dict.fromkeys(reader.tensors))
         for name in names:
             lay = self.layouts.get(name)
-            if lay is None or not lay.tensor_map:  # not in the strategy: replicated (scalars, counters)
+            if lay is None or not lay.tensor_map or not self.merge(name):  # replicated, or not wanted merged
                 owner = next(r for r in self.readers.values() if name in r.tensors)
                 self.tensors[name] = owner.tensors[name]
                 continue
