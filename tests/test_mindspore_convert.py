@@ -49,6 +49,7 @@ CASES = [  # fixture, shapes, expected HF tensors, --qkv-layout
     ("sliced_fp16_crc.ckpt", "mha_tied", "tied_fp16", None),
     ("sharded/checkpoint", "gqa", "gqa_fp16", None),
     ("sharded_opt/checkpoint", "gqa", "gqa_fp16", None),
+    ("sharded_pp/checkpoint", "gqa", "gqa_fp16", None),
 ]
 
 
