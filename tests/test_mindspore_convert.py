@@ -42,6 +42,7 @@ def raw(t: torch.Tensor) -> bytes:
 
 CASES = [  # fixture, shapes, expected HF tensors, --qkv-layout
     ("tied_fp16.ckpt", "mha_tied", "tied_fp16", None),
+    ("tied_fp16.safetensors", "mha_tied", "tied_fp16", None),
     ("train_bf16_crc.ckpt", "gqa", "train_bf16_crc", None),
     ("fused_concat_fp32.ckpt", "gqa", "gqa_fp32", "concat"),
     ("fused_interleaved_bf16.ckpt", "gqa", "gqa_bf16", "interleaved"),

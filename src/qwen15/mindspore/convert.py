@@ -21,7 +21,7 @@ from qwen15.errors import UserError
 from qwen15.mindspore import names as N
 from qwen15.mindspore.ckpt import SLICE_BYTES, CkptFile, CkptWriter
 from qwen15.mindspore.dtypes import FLOATS, convert, itemsize, storage
-from qwen15.mindspore.hf_folder import OutTensor, read_hf_folder, write_hf_folder
+from qwen15.mindspore.hf_folder import OutTensor, read_hf_folder, read_safetensors, write_hf_folder
 from qwen15.mindspore.source import RowSource, row_blocks
 from qwen15.mindspore.strategy import ShardedCheckpoint
 
@@ -71,8 +71,21 @@ def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
             raise MigrationError(f"{out}: holds the input {p}; write the output somewhere else")
 
 
+class SafetensorsCheckpoint:
+    """MindFormers weights that MindSpore saved with format="safetensors" (same names, one file)."""
+
+    def __init__(self, path: Path):
+        self.tensors = {t.name: t for t in read_safetensors(path)}
+        self.strings: dict[str, str] = {}
+
+    def close(self) -> None:
+        pass
+
+
 def open_mindspore(path: Path, strategy: Path | None):
-    """A .ckpt file, or a folder of rank_N/ per-rank checkpoints (merged by their strategy)."""
+    """A .ckpt or .safetensors file, or a folder of rank_N/ per-rank checkpoints (merged by their strategy)."""
+    if path.suffix == ".safetensors" and path.is_file():
+        return SafetensorsCheckpoint(path)
     if path.is_dir():
         if any(path.glob("rank_*")):
             return ShardedCheckpoint(

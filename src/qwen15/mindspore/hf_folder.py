@@ -131,9 +131,18 @@ class SafetensorsTensor(RowSource):
         return out
 
 
+def read_safetensors(path: Path) -> Iterator[SafetensorsTensor]:
+    from qwen15.checkpoint import read_safetensors_header
+
+    for name, e in read_safetensors_header(path).items():
+        if e.dtype not in FROM_SAFETENSORS:
+            raise UserError(f"{path}: tensor {name!r} has dtype {e.dtype}, which qwen15 does not convert")
+        yield SafetensorsTensor(name, path, FROM_SAFETENSORS[e.dtype], e.shape, e.begin)
+
+
 def read_hf_folder(folder: Path) -> Iterator[SafetensorsTensor]:
     """The tensors of a Hugging Face folder's safetensors files (a .bin-only folder is refused: no unpickling)."""
-    from qwen15.checkpoint import SAFE_INDEX, read_safetensors_header
+    from qwen15.checkpoint import SAFE_INDEX
 
     if (folder / SAFE_INDEX).is_file():
         index = json.loads((folder / SAFE_INDEX).read_text(encoding="utf-8"))
@@ -146,7 +155,4 @@ def read_hf_folder(folder: Path) -> Iterator[SafetensorsTensor]:
             "transformers' save_pretrained(safe_serialization=True) first)"
         )
     for f in files:
-        for name, e in read_safetensors_header(f).items():
-            if e.dtype not in FROM_SAFETENSORS:
-                raise UserError(f"{f}: tensor {name!r} has dtype {e.dtype}, which qwen15 does not convert")
-            yield SafetensorsTensor(name, f, FROM_SAFETENSORS[e.dtype], e.shape, e.begin)
+        yield from read_safetensors(f)
