@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from qwen15.cli import main
 from qwen15.config import ModelConfig
 from qwen15.mindspore.ckpt import CkptFile, CkptWriter
-from qwen15.mindspore.convert import MigrationError, mindspore_to_hf
+from qwen15.mindspore.convert import mindspore_to_hf
 from qwen15.mindspore.mindformers_config import load_model_config
+from qwen15.mindspore.plan import MigrationError
 from qwen15.mindspore.strategy import StrategyError
 
 from conftest import random_hf_model

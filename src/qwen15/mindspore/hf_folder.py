@@ -11,8 +11,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +20,7 @@ from qwen15.atomic import atomic_directory, atomic_write_text
 from qwen15.config import ModelConfig
 from qwen15.errors import UserError
 from qwen15.mindspore.dtypes import DTYPES, FROM_SAFETENSORS, itemsize, storage
-from qwen15.mindspore.source import RowSource, empty_rows
-
-
-@dataclass
-class OutTensor:
-    """A tensor to write: its name, shape, dtype and a function giving its data in row blocks."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    blocks: Callable[[], Iterable[np.ndarray]]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+from qwen15.mindspore.source import OutTensor, RowSource, empty_rows
 
 
 def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None]) -> None:
