@@ -52,6 +52,7 @@ CASES = [  # fixture, shapes, expected HF tensors, --qkv-layout
     ("sharded/checkpoint", "gqa", "gqa_fp16", None),
     ("sharded_opt/checkpoint", "gqa", "gqa_fp16", None),
     ("sharded_pp/checkpoint", "gqa", "gqa_fp16", None),
+    ("sharded_json/checkpoint", "gqa", "gqa_fp16", None),
 ]
 
 

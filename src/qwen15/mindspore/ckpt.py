@@ -221,7 +221,7 @@ class CkptFile:
                 f"{self.path}: tensor {name!r} has tensor_type {dtype!r}, which qwen15 does not read (known: "
                 f"{known})"
             )
-        shape = tuple(dims)
+        shape = () if dims == [0] and content[1] else tuple(dims)  # as load_checkpoint reads dims [0]
         if last is not None and last.name == name:
             if last.shape != shape or last.dtype != FROM_MINDSPORE[dtype]:
                 raise CkptError(
