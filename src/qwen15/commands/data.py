@@ -141,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _from_mindrecord(args: argparse.Namespace) -> int:
     from qwen15.data.writer import check_output
+    from qwen15.mindspore.mindrecord import MindRecord
     from qwen15.mindspore.records_to_dataset import mindrecord_to_dataset
 
     check_output(args.output, args.overwrite)
+    MindRecord(args.file)  # a bad file is refused before the tokenizer loads
     meta = mindrecord_to_dataset(
         args.file,
         args.output,
