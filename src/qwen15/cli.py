@@ -12,9 +12,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("qwen15.commands.generate", "continue prompts with a model (the seed's predict)"),
     "chat": ("qwen15.commands.chat", "multi-turn chat with a model"),
     "eval": ("qwen15.commands.eval", "evaluate a model (perplexity)"),
-    "data": ("qwen15.commands.data", "prepare datasets (alpaca-to-chat, preprocess)"),
+    "data": ("qwen15.commands.data", "prepare datasets (alpaca-to-chat, preprocess, from-mindrecord)"),
     "train": ("qwen15.commands.train", "pretrain or finetune (one process or torchrun)"),
-    "convert": ("qwen15.commands.convert", "convert training checkpoints to Hugging Face folders"),
+    "convert": (
+        "qwen15.commands.convert",
+        "training checkpoints to Hugging Face folders; MindSpore .ckpt in and out",
+    ),
     "demo": (
         "qwen15.commands.demo",
         "the quickstart: pretrain, finetune, export and chat with a small model on CPU",

@@ -1,4 +1,4 @@
-"""`qwen15 data alpaca-to-chat`, `qwen15 data preprocess` and `qwen15 data inspect` (docs/data.md)."""
+"""`qwen15 data alpaca-to-chat`, `preprocess`, `inspect` (docs/data.md) and `from-mindrecord` (docs/migrate.md)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--skip-bad", action="store_true", help="skip bad records and report how many")
 
+    p = sub.add_parser(
+        "from-mindrecord",
+        help="a MindRecord data set of the seed's preprocessing -> dataset folder",
+        description="Rows of a MindRecord file (input_ids; or input_ids, target_ids, attention_mask) written by "
+        "the seed's qwen1_5_preprocess.py -> a dataset folder, ids kept exactly. See docs/migrate.md.",
+    )
+    p.add_argument("file", help="the .mindrecord file (or the first shard, NAME0); its .db index beside it")
+    p.add_argument("output", help="dataset folder to create")
+    p.add_argument("--tokenizer", help="tokenizer folder the data was made with (recorded in meta.json)")
+    p.add_argument("--vocab-file", "--vocab_file", help="vocab.json (with --merges-file, like the seed)")
+    p.add_argument("--merges-file", "--merges_file", help="merges.txt (with --vocab-file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("inspect", help="show a dataset folder's meta.json and decode some rows")
     p.add_argument("folder")
     p.add_argument("--rows", type=int, nargs="*", default=[0], help="rows to show (default: 0)")
@@ -117,9 +131,35 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"alpaca-to-chat": _alpaca_to_chat, "preprocess": _preprocess, "inspect": _inspect}[
-        args.data_command
-    ](args)
+    return {
+        "alpaca-to-chat": _alpaca_to_chat,
+        "preprocess": _preprocess,
+        "inspect": _inspect,
+        "from-mindrecord": _from_mindrecord,
+    }[args.data_command](args)
+
+
+def _from_mindrecord(args: argparse.Namespace) -> int:
+    from qwen15.data.writer import check_output
+    from qwen15.mindspore.mindrecord import MindRecord
+    from qwen15.mindspore.records_to_dataset import mindrecord_to_dataset
+
+    check_output(args.output, args.overwrite)
+    MindRecord(args.file)  # a bad file is refused before the tokenizer loads
+    meta = mindrecord_to_dataset(
+        args.file,
+        args.output,
+        _tokenizer(args),
+        overwrite=args.overwrite,
+        command=_command(args),
+        quiet=args.quiet,
+    )
+    print(
+        f"wrote {args.output}: {meta['rows']:,} rows of {meta['seq_length'] + 1:,} tokens ({meta['type']}, layout "
+        f"{meta['layout']}, fields {', '.join(meta['mindrecord_fields'])}); {meta['loss_tokens']:,} targets, "
+        f"{meta['padding_tokens']:,} padding; {meta['seconds']:.1f} s"
+    )
+    return 0
 
 
 def _alpaca_to_chat(args: argparse.Namespace) -> int:
