@@ -45,7 +45,7 @@ def hf_model(cfg, dtype, device):
 def ours_sharing(hf, cfg):
     """Our model whose parameters are the transformers model's tensors (no copy)."""
     from qwen15 import Qwen
-    from qwen15.hf_checkpoint import our_name
+    from qwen15.hf_folder import our_name
 
     with torch.device("meta"):
         ours = Qwen(cfg)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from qwen15 import Qwen
-from qwen15.hf_checkpoint import hf_name, write_hf_folder
+from qwen15.hf_checkpoint import tensor_blocks
+from qwen15.hf_folder import OutTensor, hf_name, write_hf_folder
 from qwen15.model_config import get_preset
 
 PROBE = textwrap.dedent("""
@@ -58,17 +59,11 @@ def write_random_checkpoint(preset: str, folder: Path) -> None:
         shapes.pop("lm_head.weight")
     g = torch.Generator().manual_seed(0)
 
-    def random_tensors(names):  # drawn shard by shard: the writer never holds the whole model
-        return {n: (torch.randn(shapes[n], generator=g) * 0.02).to(torch.bfloat16) for n in names}
+    def random_blocks(shape):  # drawn tensor by tensor: the writer never holds the whole model
+        return tensor_blocks((torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
 
-    write_hf_folder(
-        folder,
-        cfg,
-        {k: tuple(v) for k, v in shapes.items()},
-        torch.bfloat16,
-        random_tensors,
-        max_shard_size="2GB",
-    )
+    tensors = [OutTensor(n, tuple(s), "bfloat16", lambda s=s: random_blocks(s)) for n, s in shapes.items()]
+    write_hf_folder(folder, cfg, tensors, max_shard_size="2GB")
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen15.config import get_preset
 from qwen15.mindspore import names
 from qwen15.mindspore.ckpt import CkptWriter
+from qwen15.model_config import get_preset
 
 # The seed's way (research/qwen1_5/convert_reversed.py: load_checkpoint, rename, save), saving safetensors rather
 # than its torch.save pickle so that both sides write the same kind of folder.

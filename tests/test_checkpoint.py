@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qwen15 import Qwen
 from qwen15.errors import UserError
-from qwen15.hf_checkpoint import CheckpointError
+from qwen15.hf_folder import CheckpointError
 from qwen15.model_config import ConfigError, get_preset
 
 from conftest import random_hf_model
@@ -197,7 +197,7 @@ def test_save_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path, monkeypatc
     model.save_pretrained(tmp_path / "out")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
 
-    import qwen15.hf_checkpoint as ckpt
+    import qwen15.hf_folder as ckpt
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

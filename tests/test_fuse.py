@@ -7,7 +7,7 @@ import torch
 
 from qwen15 import Qwen, generate
 from qwen15.fuse import FusedAttention, FusedMLP, fuse_projections
-from qwen15.hf_checkpoint import CheckpointError
+from qwen15.hf_folder import CheckpointError
 from qwen15.model_config import get_preset
 
 

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from qwen15.cli import main
-from qwen15.config import ModelConfig
 from qwen15.mindspore.ckpt import CkptFile, CkptWriter
 from qwen15.mindspore.convert import mindspore_to_hf
 from qwen15.mindspore.mindformers_config import load_model_config
 from qwen15.mindspore.plan import MigrationError
 from qwen15.mindspore.strategy import StrategyError
+from qwen15.model_config import ModelConfig
 
 from conftest import random_hf_model
 
@@ -170,7 +170,7 @@ model:
 """
     (tmp_path / "predict_qwen1_5_0_5b_chat.yaml").write_text(yaml_text)
     cfg, section = load_model_config(tmp_path / "predict_qwen1_5_0_5b_chat.yaml")
-    from qwen15.config import get_preset
+    from qwen15.model_config import get_preset
 
     preset = get_preset("qwen1.5-0.5b")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size) == (

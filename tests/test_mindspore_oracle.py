@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from qwen15.cli import main
-from qwen15.config import ModelConfig
 from qwen15.mindspore.ckpt import CkptFile, CkptWriter
 from qwen15.mindspore.dtypes import f32_to_bf16
+from qwen15.model_config import ModelConfig
 
 from conftest import random_hf_model
 

@@ -109,7 +109,7 @@ def test_finetune_from_hf_then_export_loads_in_transformers(tmp_path, tokenizer,
 
 
 def _tensor_names(folder):
-    from qwen15.hf_checkpoint import read_safetensors_header
+    from qwen15.hf_folder import read_safetensors_header
 
     names = []
     for f in folder.glob("*.safetensors"):

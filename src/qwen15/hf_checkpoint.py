@@ -1,5 +1,4 @@
-"""Hugging Face model folders in and out: config.json, safetensors weights (single or sharded), generation_config.json
-and tokenizer files. The package's one reader and one writer of them.
+"""Models in and out of Hugging Face folders (the files themselves: qwen15.hf_folder).
 
 Reading fills a model built on the meta device and materialised with `to_empty`, possibly sharded (FSDP2 / tensor
 parallel DTensors) or cut into pipeline stages: each rank copies only its own slice of every tensor, straight from
@@ -9,12 +8,9 @@ stays close to the weights this rank holds, never the checkpoint's size on top o
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,49 +19,35 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qwen15.atomic import atomic_directory, atomic_write_text
-from qwen15.errors import UserError
-from qwen15.model_config import CHAT_SAMPLING, ENDOFTEXT_ID, IM_END_ID, ModelConfig
+from qwen15.hf_folder import (
+    DTYPES,
+    CheckpointError,
+    OutTensor,
+    TensorEntry,
+    check_names,
+    default_generation_config,
+    hf_name,
+    read_generation_config,
+    weight_entries,
+    write_hf_folder,
+)
+from qwen15.model_config import ModelConfig
 from qwen15.paths import local_folder
 
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-)
-
-# safetensors dtype name -> (numpy dtype of the raw bytes, torch dtype)
-SAFETENSORS_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
-    "F64": (np.float64, torch.float64),
-    "F32": (np.float32, torch.float32),
-    "F16": (np.float16, torch.float16),
-    "BF16": (np.uint16, torch.bfloat16),
-    "I64": (np.int64, torch.int64),
-    "I32": (np.int32, torch.int32),
-    "I16": (np.int16, torch.int16),
-    "I8": (np.int8, torch.int8),
-    "U8": (np.uint8, torch.uint8),
-    "BOOL": (np.bool_, torch.bool),
+TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
 }
-_CHUNK = 64 * 2**20  # bytes copied from a mapped file at a time
-_IGNORED_SUFFIX = "rotary_emb.inv_freq"  # a buffer some exporters save; recomputed from config.json
-
-
-class CheckpointError(UserError):
-    """A checkpoint that does not fit the model; the message names the file and the tensors concerned."""
-
-
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face name."""
-    return name if name.startswith("lm_head.") else "model." + name
-
-
-def our_name(name: str) -> str:
-    return name[len("model.") :] if name.startswith("model.") else name
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+_CHUNK = 64 * 2**20  # bytes copied from a mapped file, or written from a tensor, at a time
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -75,127 +57,6 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def model_folder(path: str | os.PathLike) -> Path:
     return local_folder(path, "model")
-
-
-# ---------------------------------------------------------------------------------------------- the files
-
-
-@dataclass
-class TensorEntry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            n = int.from_bytes(raw, "little")
-            if n > 100_000_000:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found (named by the checkpoint index)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed safetensors header (not a JSON object)")
-    size = path.stat().st_size
-    entries = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, end = spec["data_offsets"]
-            entry = TensorEntry(path, spec["dtype"], tuple(spec["shape"]), 8 + n + begin, 8 + n + end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-        if entry.end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} runs past the end of the file (truncated download?)"
-            )
-        if entry.dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.dtype}, which is not supported")
-        entries[name] = entry
-    return entries
-
-
-def weight_entries(folder: Path) -> dict[str, TensorEntry]:
-    """Every tensor of the folder's safetensors files (indexed, single or loose), by Hugging Face name."""
-    if (folder / SAFE_INDEX).exists():
-        index = read_json(folder / SAFE_INDEX)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{folder / SAFE_INDEX}: 'weight_map' is missing or empty")
-        files = sorted({folder / f for f in weight_map.values()})
-    elif (folder / SAFE_SINGLE).exists():
-        files = [folder / SAFE_SINGLE]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        if pickled:
-            raise CheckpointError(
-                f"{folder}: holds {pickled[0]} (PyTorch pickle) but no safetensors; qwen15 never unpickles weight "
-                'files. Convert once where transformers is installed: python -c "from transformers import '
-                f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""
-            )
-        raise CheckpointError(f"{folder}: no weights found (expected {SAFE_SINGLE} or {SAFE_INDEX})")
-    entries: dict[str, TensorEntry] = {}
-    for f in files:
-        entries.update(read_safetensors_header(f))
-    return entries
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); is it a JSON file?") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-def check_names(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, where: str
-) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming them."""
-    found = {k: v for k, v in found.items() if not k.endswith(_IGNORED_SUFFIX)}
-    if tied and "lm_head.weight" in found and "model.embed_tokens.weight" in expected:
-        expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {list(found[k])}, model {list(expected[k])}"
-        for k in set(expected) & set(found)
-        if tuple(found[k]) != tuple(expected[k])
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(_abbrev(missing))}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(_abbrev(unexpected))}")
-    if shapes:
-        problems.append(f"wrong shapes: {'; '.join(_abbrev(shapes))}")
-    if problems:
-        raise CheckpointError(
-            f"{where}: the weights do not match config.json — "
-            + " | ".join(problems)
-            + ". Check that config.json belongs to these weights (a q/k/v bias or lm_head "
-            "dropped by a converter shows up here)."
-        )
-
-
-def _abbrev(items: list[str], n: int = 8) -> list[str]:
-    return items if len(items) <= n else items[:n] + [f"... ({len(items) - n} more)"]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -261,7 +122,7 @@ def _copy_from_file(
         try:
             for name in names:
                 e, param = entries[name], params[name]
-                np_dtype, torch_dtype = SAFETENSORS_DTYPES[e.dtype]
+                np_dtype, torch_dtype = DTYPES[e.dtype][0], TORCH_DTYPES[e.dtype]
                 offset, shape = local_region(param, e.shape)
                 target = param.to_local() if isinstance(param, DTensor) else param
                 if target.numel() == 0:
@@ -315,108 +176,27 @@ def load_pretrained(
     return model.eval()
 
 
-def read_generation_config(folder: Path) -> dict[str, Any] | None:
-    path = folder / "generation_config.json"
-    return read_json(path) if path.is_file() else None
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes of '5GB', '500MB', '2GiB' or a plain number; a UserError naming the value otherwise."""
-    import re
-
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise CheckpointError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
-    unit = m.group(2) or "B"
-    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(m.group(1)) * powers[unit])
+def tensor_blocks(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> Iterator[np.ndarray]:
+    """A tensor's bytes as numpy row blocks (on CPU, cast to `dtype`), a bounded number of rows at a time."""
+    dtype = dtype or tensor.dtype
+    rows = tensor.shape[0] if tensor.dim() else 1
+    row_bytes = max(1, tensor[0].numel() * dtype.itemsize if tensor.dim() else dtype.itemsize)
+    flat = tensor.detach().reshape(rows, -1)
+    step = max(1, _CHUNK // row_bytes)
+    for r0 in range(0, rows, step):
+        block = flat[r0 : r0 + step].to("cpu", dtype).contiguous()
+        yield (block.view(torch.uint16) if dtype == torch.bfloat16 else block).numpy()
 
 
-def generation_config(
-    chat: bool, endoftext_id: int, im_end_id: int, sampling: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """generation_config.json as Qwen1.5 ships it: chat models stop on <|im_end|> and <|endoftext|> and sample
-    (`sampling` overrides CHAT_SAMPLING and may add do_sample / max_new_tokens); base models stop on
-    <|endoftext|> and decode greedily."""
-    if not chat:
-        return {"bos_token_id": endoftext_id, "eos_token_id": endoftext_id, "do_sample": False}
-    return {
-        "bos_token_id": endoftext_id,
-        "pad_token_id": endoftext_id,
-        "eos_token_id": [im_end_id, endoftext_id],
-        "do_sample": True,
-        **CHAT_SAMPLING,
-        **(sampling or {}),
-    }
-
-
-def write_hf_folder(
-    path: str | os.PathLike,
-    config: ModelConfig,
-    shapes: dict[str, tuple[int, ...]],
-    dtype: torch.dtype,
-    read: Callable[[list[str]], dict[str, torch.Tensor]],
-    *,
-    generation: dict[str, Any] | None = None,
-    tokenizer=None,
-    tokenizer_dir: str | os.PathLike | None = None,
-    max_shard_size: int | str = "5GB",
-    overwrite: bool = True,
-) -> Path:
-    """Write a Hugging Face folder atomically (built beside `path`, renamed when complete).
-
-    shapes: Hugging Face name -> shape of every tensor to write, in file order; `read(names)` returns those tensors
-    (any device and dtype; written as `dtype`), one output shard at a time, so a caller can produce them lazily.
-    Tokenizer files come from `tokenizer` (a Tokenizer) or are copied from `tokenizer_dir`.
-    """
-    from safetensors.torch import save_file
-
-    limit = parse_size(max_shard_size)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        weight_map: dict[str, str] = {}
-        for i, names in enumerate(shards):
-            fname = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = read(names)
-            save_file(
-                {n: tensors[n].detach().to("cpu", dtype).contiguous() for n in names},
-                str(tmp / fname),
-                metadata={"format": "pt"},
-            )
-            weight_map.update(dict.fromkeys(names, fname))
-            del tensors
-        if len(shards) > 1:
-            total = sum(int(np.prod(s, dtype=np.int64)) * dtype.itemsize for s in shapes.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            atomic_write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
-        config.save_json(tmp / "config.json")
-        if generation is not None:
-            atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif tokenizer_dir is not None:
-            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
-    return Path(path)
-
-
-def _copy_tokenizer_files(source: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
+def out_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[OutTensor]:
+    """The writer's view of tensors in memory (written as `dtype`, default their own)."""
+    return [
+        OutTensor(name, tuple(t.shape), DTYPE_NAMES[dtype or t.dtype], lambda t=t: tensor_blocks(t, dtype))
+        for name, t in state.items()
+    ]
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -444,22 +224,13 @@ def save_pretrained(
             "change its tensors); save a model loaded without prepare_for_inference"
         )
     dtype = next(iter(state.values())).dtype
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype)
-    config = model.config.replace(torch_dtype=name or model.config.torch_dtype)
-    gen = generation_config or model.generation_config or default_generation_config(config)
+    config = model.config.replace(torch_dtype=DTYPE_NAMES.get(dtype, model.config.torch_dtype))
     return write_hf_folder(
         path,
         config,
-        {k: tuple(v.shape) for k, v in state.items()},
-        dtype,
-        lambda names: {n: state[n] for n in names},
-        generation=gen,
+        out_tensors(state),
+        generation=generation_config or model.generation_config or default_generation_config(config),
         tokenizer=tokenizer,
         tokenizer_dir=None if tokenizer is not None else getattr(model, "source_dir", None),
         max_shard_size=max_shard_size,
     )
-
-
-def default_generation_config(config: ModelConfig) -> dict[str, Any]:
-    """A chat model (eos <|im_end|>) samples with the chat defaults; others decode greedily."""
-    return generation_config(IM_END_ID in config.eos_token_ids, ENDOFTEXT_ID, IM_END_ID)

@@ -128,7 +128,7 @@ def _mindspore(args: argparse.Namespace) -> int:
 
         config, _ = load_model_config(args.config)
         if args.chat is not None:  # as `--to hf` does: a chat model stops on <|im_end|>
-            from qwen15.config import ENDOFTEXT_ID, IM_END_ID
+            from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID
 
             config = config.replace(eos_token_id=IM_END_ID if args.chat else ENDOFTEXT_ID)
         s = mindspore_to_hf(

@@ -11,14 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-from qwen15.config import ModelConfig
+from qwen15.hf_folder import OutTensor, write_hf_folder
 from qwen15.mindspore import names as N
 from qwen15.mindspore.ckpt import SLICE_BYTES, CkptFile, CkptWriter
 from qwen15.mindspore.dtypes import FLOATS
-from qwen15.mindspore.hf_folder import read_hf_folder, read_safetensors, write_hf_folder
+from qwen15.mindspore.hf_source import read_hf_folder, read_safetensors
 from qwen15.mindspore.plan import MigrationError, Summary, plan_from_mindformers, plan_to_mindformers
-from qwen15.mindspore.source import OutTensor, row_blocks
+from qwen15.mindspore.source import row_blocks
 from qwen15.mindspore.strategy import ShardedCheckpoint
+from qwen15.model_config import ModelConfig
 
 
 def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
@@ -132,7 +133,7 @@ def mindspore_to_hf(
                 out,
                 hf_config,
                 tensors,
-                tokenizer_source=tok,
+                tokenizer_dir=tok,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 on_bytes=progress,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qwen15.config import ConfigError, ModelConfig
+from qwen15.model_config import ConfigError, ModelConfig
 
 # model_config key -> ModelConfig field (keys the seed's Qwen1.5 YAMLs use; both spellings of max positions)
 KEYS = {

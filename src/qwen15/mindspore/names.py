@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 
 LAYOUTS = ("concat", "interleaved")
 GLOBAL = {

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from qwen15.config import ModelConfig
 from qwen15.errors import UserError
+from qwen15.hf_folder import OutTensor
 from qwen15.mindspore import names as N
 from qwen15.mindspore.dtypes import FLOATS, convert, storage
-from qwen15.mindspore.source import OutTensor, RowSource, row_blocks
+from qwen15.mindspore.source import RowSource, row_blocks
+from qwen15.model_config import ModelConfig
 
 
 class MigrationError(UserError):

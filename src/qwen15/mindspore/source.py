@@ -1,5 +1,5 @@
-"""Tensors read by rows (`RowSource`) and written from row blocks (`OutTensor`), so that a conversion holds a
-block of rows in memory, never a whole file.
+"""Tensors read by rows (`RowSource`), written from row blocks (qwen15.hf_folder.OutTensor), so that a conversion
+holds a block of rows in memory, never a whole file.
 
 Every reader here (a .ckpt file, per-rank slices merged by a strategy, a safetensors file) gives its tensors as a
 `RowSource`: dtype, shape and `read_rows(r0, r1)` in the stored dtype (bfloat16 as uint16 bits).
@@ -8,8 +8,7 @@ Every reader here (a .ckpt file, per-rank slices merged by a strategy, a safeten
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -68,17 +67,3 @@ def row_blocks(
 
 def empty_rows(dtype: str, shape: tuple[int, ...], r0: int, r1: int) -> np.ndarray:
     return np.empty((r1 - r0, *shape[1:]), storage(dtype))
-
-
-@dataclass
-class OutTensor:
-    """A tensor to write: its name, shape, dtype and a function giving its data in row blocks."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    blocks: Callable[[], Iterable[np.ndarray]]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
 from qwen15.errors import UserError
-from qwen15.hf_checkpoint import generation_config, hf_name, our_name, write_hf_folder
+from qwen15.hf_checkpoint import hf_state_dict, tensor_blocks
+from qwen15.hf_folder import OutTensor, generation_config, hf_name, our_name, plan_shards, write_hf_folder
 from qwen15.model import Qwen
 from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.train.dcp_checkpoint import read_trainer_state, resolve_checkpoint
@@ -54,34 +57,37 @@ def export_hf(
     config = ModelConfig.from_json_file(ckpt / "config.json")
     state = read_trainer_state(ckpt)
     chat = bool(state.get("chat", False)) if chat is None else chat
-    name = config.torch_dtype if dtype == "auto" else dtype
-    if name not in DTYPES:
-        raise ExportError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    dtype_name = config.torch_dtype if dtype == "auto" else dtype
+    if dtype_name not in DTYPES:
+        raise ExportError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     endoftext, im_end = special_ids(ckpt)
-    config = config.replace(torch_dtype=name, eos_token_id=im_end if chat else config.eos_token_id)
+    config = config.replace(torch_dtype=dtype_name, eos_token_id=im_end if chat else config.eos_token_id)
     with torch.device("meta"):
         model = Qwen(config)
-    tied = config.tie_word_embeddings
-    shapes = {
-        hf_name(k): tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if not (tied and k == "lm_head.weight")
-    }
+    out_dtype = DTYPES[dtype_name]
+    loaded: dict[str, torch.Tensor] = {}
 
-    def read(names: list[str]) -> dict[str, torch.Tensor]:
-        part = {our_name(n): torch.empty(shapes[n], dtype=DTYPES[name]) for n in names}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": part}, checkpoint_id=str(ckpt / "state"), no_dist=True)
-        return {hf_name(k): v for k, v in part.items()}
+    def blocks(name: str) -> Iterator[np.ndarray]:
+        """A tensor's blocks; the first tensor of each output file loads that whole file's tensors with one DCP
+        read (DCP reshards from any layout), so memory stays at one output file."""
+        if name not in loaded:
+            part = {our_name(t.name): torch.empty(t.shape, dtype=out_dtype) for t in shards[shard_of[name]]}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": part}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+            loaded.clear()
+            loaded.update({hf_name(k): v for k, v in part.items()})
+        yield from tensor_blocks(loaded.pop(name))
 
+    shapes = {k: tuple(v.shape) for k, v in hf_state_dict(model).items()}
+    tensors = [OutTensor(n, shape, dtype_name, lambda n=n: blocks(n)) for n, shape in shapes.items()]
+    shards = plan_shards(tensors, max_shard_size)
+    shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
     try:
         return write_hf_folder(
             out_dir,
             config,
-            shapes,
-            DTYPES[name],
-            read,
+            tensors,
             generation=generation_config(chat, endoftext, im_end, state.get("generation")),
             tokenizer_dir=ckpt,
             max_shard_size=max_shard_size,
