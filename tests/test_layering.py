@@ -20,7 +20,14 @@ CORE = {
     "qwen15.hf_folder",
     "qwen15.hf_checkpoint",
 }
-UPPER = ("qwen15.train", "qwen15.parallel", "qwen15.data", "qwen15.commands", "qwen15.demo", "qwen15.mindspore")
+UPPER = (
+    "qwen15.train",
+    "qwen15.parallel",
+    "qwen15.data",
+    "qwen15.commands",
+    "qwen15.demo",
+    "qwen15.mindspore",
+)
 
 
 def module_name(path: Path) -> str:

@@ -26,7 +26,13 @@ from qwen15.model_config import CHAT_SAMPLING, ENDOFTEXT_ID, IM_END_ID, ModelCon
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 # dtype name -> (numpy dtype of the stored bytes, safetensors code); bfloat16 is held as its uint16 bits
 DTYPES: dict[str, tuple[Any, str]] = {
     "float64": (np.float64, "F64"),
@@ -118,7 +124,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {code}, which is not supported")
         entry = TensorEntry(path, FROM_SAFETENSORS[code], shape, 8 + n + begin, 8 + n + end)
         if entry.end > size or entry.end - entry.begin != math.prod(shape) * itemsize(entry.dtype):
-            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated download?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} runs past the end of the file (truncated download?)"
+            )
         entries[name] = entry
     return entries
 
@@ -139,7 +147,7 @@ def weight_entries(folder: Path) -> dict[str, TensorEntry]:
         if pickled:
             raise CheckpointError(
                 f"{folder}: holds {pickled[0]} (PyTorch pickle) but no safetensors; qwen15 never unpickles weight "
-                "files. Convert once where transformers is installed: python -c \"from transformers import "
+                'files. Convert once where transformers is installed: python -c "from transformers import '
                 f"AutoModelForCausalLM as M; M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\""
             )
         raise CheckpointError(f"{folder}: no weights found (expected {SAFE_SINGLE} or {SAFE_INDEX})")
@@ -272,7 +280,11 @@ def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": DTYPES[t.dtype][1], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": DTYPES[t.dtype][1],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data on 8 bytes
