@@ -250,6 +250,25 @@ def load_weights(parts: nn.Module | list[nn.Module], folder: str | os.PathLike) 
         by_file.setdefault(entries[name].file, []).append(name)
     for path, names in by_file.items():
         _copy_from_file(path, sorted(names, key=lambda n: entries[n].begin), entries, params)
+    check_finite(params, str(folder))
+
+
+def check_finite(params: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity: generation would print garbage and perplexity nan, without a word
+    (this rank's slices; a full pass over the weights, cheap next to reading them)."""
+    bad = []
+    for name, p in params.items():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if not local.is_floating_point():
+            continue
+        # a few million elements at a time: isfinite of a whole embedding would allocate several times its size
+        if not all(bool(torch.isfinite(part).all()) for part in local.detach().reshape(-1).split(1 << 22)):
+            bad.append(name)
+    if bad:
+        raise CheckpointError(
+            f"{where}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(_abbrev(bad, 4))}); the "
+            "checkpoint is corrupt or comes from a training that diverged. Use an earlier checkpoint"
+        )
 
 
 def _copy_from_file(
@@ -327,15 +346,80 @@ def parse_size(size: int | str) -> int:
     """Bytes of '5GB', '500MB', '2GiB' or a plain number; a UserError naming the value otherwise."""
     import re
 
-    if isinstance(size, int):
+    if isinstance(size, int) and size >= 1:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise CheckpointError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
-    unit = m.group(2) or "B"
     powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(m.group(1)) * powers[unit])
+    value = float(m.group(1)) * powers[m.group(2) or "B"] if m else 0.0
+    if not 1 <= value <= 2**60:
+        raise CheckpointError(
+            f"--max-shard-size {size!r}: not a size between 1 byte and 1 EiB; write e.g. '5GB' or '500MB'"
+        )
+    return int(value)
+
+
+def saved_special_ids(folder: Path) -> dict[str, int]:
+    """Special token -> id of the tokenizer saved in `folder` (tokenizer_config.json, else tokenizer.json); empty
+    when the folder holds no tokenizer."""
+    cfg_file, tok_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    try:
+        if cfg_file.is_file():
+            decoder = json.loads(cfg_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            return {spec["content"]: int(i) for i, spec in decoder.items() if spec.get("special", True)}
+        if tok_file.is_file():
+            added = json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens") or []
+            return {t["content"]: int(t["id"]) for t in added if t.get("special")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{folder}: the tokenizer's special tokens cannot be read") from None
+    return {}
+
+
+def _fit_ids(value: Any, qwen_ids: dict[int, str], specials: dict[str, int], vocab: int) -> Any:
+    """An id (or list of ids) of a config written for Qwen's numbering, in the saved tokenizer's numbering: a
+    Qwen special id becomes the saved tokenizer's id of that token; ids outside the vocabulary are dropped."""
+    if isinstance(value, list):
+        out = [i for i in (_fit_ids(v, qwen_ids, specials, vocab) for v in value) if i is not None]
+        return out or None
+    if not isinstance(value, int):
+        return value
+    if value in specials.values():
+        return value
+    name = qwen_ids.get(value)
+    if name is not None and name in specials:
+        return specials[name]
+    return value if 0 <= value < vocab else None
+
+
+def fit_to_tokenizer(
+    config: ModelConfig, generation: dict[str, Any] | None, specials: dict[str, int]
+) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """config.json and generation_config.json as they must be beside the tokenizer saved with them: special-token
+    ids from that tokenizer (a model of a small vocabulary must not name Qwen's 151643), and a max_new_tokens
+    within the model's context. Without a saved tokenizer (`specials` empty) both are left as they are."""
+    from qwen15.model_config import IM_START_ID
+
+    if not specials:  # no tokenizer saved beside them: nothing to take the ids from
+        return config, generation
+    qwen_ids = {ENDOFTEXT_ID: "<|endoftext|>", IM_START_ID: "<|im_start|>", IM_END_ID: "<|im_end|>"}
+    vocab = config.vocab_size
+    config = config.replace(
+        bos_token_id=_fit_ids(config.bos_token_id, qwen_ids, specials, vocab),
+        eos_token_id=_fit_ids(config.eos_token_id, qwen_ids, specials, vocab),
+    )
+    if generation is not None:
+        generation = dict(generation)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if key in generation:
+                fitted = _fit_ids(generation[key], qwen_ids, specials, vocab)
+                if fitted is None:
+                    del generation[key]
+                else:
+                    generation[key] = fitted
+        limit = config.max_position_embeddings
+        if isinstance(generation.get("max_new_tokens"), int) and generation["max_new_tokens"] > limit:
+            generation["max_new_tokens"] = limit
+    return config, generation
 
 
 def generation_config(
@@ -367,17 +451,23 @@ def write_hf_folder(
     tokenizer=None,
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
-    overwrite: bool = True,
+    overwrite: bool = False,
+    inputs: list[str | os.PathLike] = (),
+    flag: str = "OUT_DIR",
 ) -> Path:
-    """Write a Hugging Face folder atomically (built beside `path`, renamed when complete).
+    """Write a Hugging Face folder by the output rule of qwen15.atomic (built beside `path`, renamed when
+    complete; an existing folder replaced only with overwrite, and only one qwen15 wrote; never one of `inputs`
+    or a folder holding them).
 
     shapes: Hugging Face name -> shape of every tensor to write, in file order; `read(names)` returns those tensors
     (any device and dtype; written as `dtype`), one output shard at a time, so a caller can produce them lazily.
-    Tokenizer files come from `tokenizer` (a Tokenizer) or are copied from `tokenizer_dir`.
+    Tokenizer files come from `tokenizer` (a Tokenizer) or are copied from `tokenizer_dir`; the special-token ids
+    of config.json and generation_config.json are then those of that tokenizer (fit_to_tokenizer).
     """
     from safetensors.torch import save_file
 
     limit = parse_size(max_shard_size)
+    sources = [*inputs, tokenizer_dir, getattr(tokenizer, "source", None)]
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
@@ -387,7 +477,13 @@ def write_hf_folder(
             size = 0
         shards[-1].append(name)
         size += nbytes
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, inputs=sources, flag=flag, kind="hf-model") as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer_dir is not None:
+            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        specials = saved_special_ids(tmp)
+        config, generation = fit_to_tokenizer(config, generation, specials)
         weight_map: dict[str, str] = {}
         for i, names in enumerate(shards):
             fname = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -406,10 +502,6 @@ def write_hf_folder(
         config.save_json(tmp / "config.json")
         if generation is not None:
             atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif tokenizer_dir is not None:
-            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
     return Path(path)
 
 
@@ -432,9 +524,11 @@ def save_pretrained(
     tokenizer=None,
     max_shard_size: int | str = "5GB",
     generation_config: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """`Qwen.save_pretrained`: the model's weights in their dtype, its config and generation config, and the
-    tokenizer (given, or copied from the folder the model was loaded from)."""
+    tokenizer (given, or copied from the folder the model was loaded from). An existing folder is replaced only
+    when qwen15 wrote it (and overwrite is True), never the folder the model was loaded from."""
     state = hf_state_dict(model)
     with torch.device("meta"):
         expected = hf_state_dict(type(model)(model.config))
@@ -457,6 +551,9 @@ def save_pretrained(
         tokenizer=tokenizer,
         tokenizer_dir=None if tokenizer is not None else getattr(model, "source_dir", None),
         max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[getattr(model, "source_dir", None)],
+        flag="save_pretrained path",
     )
 
 

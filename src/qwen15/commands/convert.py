@@ -22,10 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="export as a chat model")
     chat.add_argument("--base", dest="chat", action="store_false", help="export as a base model")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only a folder qwen15 wrote)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from qwen15.train.export import export_hf
 
     out = export_hf(
@@ -35,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         chat=args.chat,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        warn=lambda m: print(m, file=sys.stderr),
     )
     print(f"wrote {out}")
     return 0
