@@ -45,19 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen15", description="PyTorch toolkit for the Qwen1.5 language models"
     )
     parser.add_argument("--version", action="version", version=f"qwen15 {__import__('qwen15').__version__}")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of every error")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="print the traceback of every error"
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of every error (anywhere on the command line)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(
-            name,
-            help=help_text,
-            description=help_text,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            parents=[common],
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         mod = importlib.import_module(module)
         mod.add_arguments(p)
@@ -66,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may come anywhere (after a subcommand's own subcommand too), so it is taken out before parsing
+    debug = "--debug" in argv or os.environ.get("QWEN15_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "_takes_overrides", False):
@@ -74,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    debug = args.debug or os.environ.get("QWEN15_DEBUG", "") not in ("", "0")
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
