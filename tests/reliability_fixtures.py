@@ -179,7 +179,30 @@ def build(root: Path) -> dict[str, Path]:
     shutil.copytree(p["model"], p["model_nocfg"])
     (p["model_nocfg"] / "config.json").unlink()
 
+    p["model_wrongtype"] = root / "model_wrongtype"  # a config.json value of the wrong type
+    shutil.copytree(p["model"], p["model_wrongtype"])
+    config = json.loads((p["model"] / "config.json").read_text())
+    (p["model_wrongtype"] / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+    p["model_shape"] = root / "model_shape"  # config.json of another shape than the weights
+    shutil.copytree(p["model"], p["model_shape"])
+    (p["model_shape"] / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    p["model_noweights"] = root / "model_noweights"
+    p["model_noweights"].mkdir()
+    shutil.copy(p["model"] / "config.json", p["model_noweights"])
+    p["tok_badvocab"] = root / "tok_badvocab"
+    shutil.copytree(p["tok"], p["tok_badvocab"])
+    (p["tok_badvocab"] / "vocab.json").write_text("{not json")
+    (p["tok_badvocab"] / "tokenizer.json").unlink()
+
     p["data"] = dataset(root / "data", tok)
+    p["data_trunc"] = root / "data_trunc"
+    shutil.copytree(p["data"], p["data_trunc"])
+    f = p["data_trunc"] / "tokens.npy"
+    f.write_bytes(f.read_bytes()[:200])
+    p["data_badmeta"] = root / "data_badmeta"
+    shutil.copytree(p["data"], p["data_badmeta"])
+    meta = json.loads((p["data"] / "meta.json").read_text())
+    (p["data_badmeta"] / "meta.json").write_text(json.dumps({**meta, "seq_length": "x"}))
     p["run"] = root / "run"
     assert main(["train", *train_overrides(p["data"], p["run"], p["tok"], len(tok))]) == 0
     ckpt = p["run"] / "checkpoints" / "step-00000002"
@@ -194,6 +217,9 @@ def build(root: Path) -> dict[str, Path]:
     p["ckpt_nometa"] = root / "damaged" / "nometa" / "step-00000002"
     shutil.copytree(ckpt, p["ckpt_nometa"])
     (p["ckpt_nometa"] / "state" / ".metadata").unlink()
+    p["ckpt_badconfig"] = root / "damaged" / "badconfig" / "step-00000002"
+    shutil.copytree(ckpt, p["ckpt_badconfig"])
+    (p["ckpt_badconfig"] / "config.json").write_text("{")
     p["ckpt_incomplete"] = root / "damaged" / "incomplete" / "step-00000002"
     shutil.copytree(ckpt, p["ckpt_incomplete"])
     (p["ckpt_incomplete"] / "COMPLETE").unlink()

@@ -33,6 +33,8 @@ def local_folder(
     path: str | os.PathLike, what: str = "model", needs: str = "config.json + *.safetensors"
 ) -> Path:
     """`path` as an existing folder, or a FolderError saying what is there instead and what to pass."""
+    if not str(path).strip():
+        raise FolderError(f"an empty path was given for the {what} folder; pass a local folder ({needs})")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FolderError(missing_folder_message(str(path), what, needs))
@@ -57,6 +59,8 @@ def read_text_file(path: str | os.PathLike, flag: str) -> str:
     file = Path(path).expanduser()
     if file.is_dir():
         raise FolderError(f"{flag} {path}: is a folder; pass a text file")
+    if file.exists() and not file.is_file():
+        raise FolderError(f"{flag} {path}: is not a regular file; pass a text file")
     if not file.is_file():
         raise FolderError(f"{flag} {path}: no such file")
     data = file.read_bytes()
