@@ -20,6 +20,8 @@ import pytest
 import reliability_fixtures as fx
 
 HERE = Path(__file__).resolve().parent
+# Messages that misled (issue 12): a file given as --model called a hub name, a missing tokenizer asking for weights.
+FORBIDDEN = {"gen-model-is-file": "hub", "gen-tokenizer-missing": "safetensors", "enc-missing": "safetensors"}
 
 
 def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
@@ -518,6 +520,8 @@ def test_bad_input_table(fixtures, tmp_path):
         missing = [n for n in r["needles"] if n not in message]
         if missing:
             problems.append(f"message lacks {missing}")
+        if cid in FORBIDDEN and FORBIDDEN[cid] in message:
+            problems.append(f"message mentions {FORBIDDEN[cid]!r}")
         if r["changed"]:
             problems.append(f"changed {r['changed'][:5]}")
         if problems:

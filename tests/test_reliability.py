@@ -480,3 +480,18 @@ def test_perplexity_of_a_model_far_off_the_text_is_infinite_not_a_crash():
         model.lm_head.weight.mul_(1e4)
     result = perplexity(model, list(range(1, 40)), seq_length=16, stride=8, progress=True)
     assert result.perplexity == float("inf") and result.tokens_scored == 38
+
+
+def test_the_first_bytes_that_are_not_utf8_are_found_by_line_and_offset_across_blocks(tmp_path):
+    from qwen15.data.inputs import first_invalid_utf8
+
+    f = tmp_path / "t.txt"
+    block = 1 << 20  # the reader's block size: a character cut by the block boundary is no error
+    f.write_bytes(b"a" * (block - 1) + "é".encode() + b"\nok\n" + b"caf\xe9\n")
+    assert first_invalid_utf8(f) == (3, block + 8, "invalid continuation byte")
+    f.write_bytes(b"x\n" * 10 + b"\xff")
+    assert first_invalid_utf8(f) == (11, 20, "invalid start byte")
+    f.write_bytes(b"a" * (block - 1) + b"\xc3")  # cut short at the very end
+    assert first_invalid_utf8(f) == (1, block - 1, "unexpected end of data")
+    f.write_text("fine\n")
+    assert first_invalid_utf8(f) is None
