@@ -274,7 +274,9 @@ def test_the_input_is_never_replaced(tmp_path):
     import shutil
 
     shutil.copytree(FIX / "sharded" / "checkpoint", tmp_path / "ckpt")
-    with pytest.raises(MigrationError, match="holds the input"):
+    from qwen15.atomic import OutputError
+
+    with pytest.raises(OutputError, match="holds this command's input"):
         mindspore_to_hf(
             tmp_path / "ckpt" / "rank_0", tmp_path / "ckpt", fixture_config("gqa"), overwrite=True
         )

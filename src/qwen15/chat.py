@@ -2,8 +2,10 @@
 
 `ChatSession.ask(question)` streams the reply (text deltas) and adds both turns to the history. With
 history off each question is answered alone. When the rendered conversation plus room for the reply
-(max_new_tokens) no longer fits the context window, the oldest user/assistant exchanges are dropped first; the
-system prompt and the current question are never dropped. The terminal loop lives in qwen15.commands.chat.
+(max_new_tokens, at most half the window) no longer fits the context window, the oldest user/assistant exchanges
+are dropped first; the system prompt and the current question are never dropped. A reply gets max_new_tokens or
+the room the conversation leaves in the window, whichever is less (as `generate` clamps); only a question that
+leaves no room at all is refused. The terminal loop lives in qwen15.commands.chat.
 """
 
 from __future__ import annotations
@@ -41,9 +43,20 @@ class ChatSession:
     dropped_turns: int = 0  # exchanges dropped from the front to fit the window, since the last clear
     last_completion: Completion | None = None
 
+    def __post_init__(self) -> None:
+        limit = self.model.config.max_position_embeddings
+        if self.context_window is not None and not 1 <= self.context_window <= limit:
+            raise ChatError(
+                f"--context-window {self.context_window}: must lie between 1 and the model's context, {limit} tokens"
+            )
+        if self.max_new_tokens < 1:
+            raise ChatError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
+
     @property
     def window(self) -> int:
-        return self.context_window or self.model.config.max_position_embeddings
+        return (
+            self.model.config.max_position_embeddings if self.context_window is None else self.context_window
+        )
 
     def clear(self) -> None:
         """Start a new conversation (the system prompt stays)."""
@@ -58,25 +71,32 @@ class ChatSession:
             msgs.append({"role": "user", "content": question})
         return msgs
 
+    @property
+    def reply_room(self) -> int:
+        """Tokens kept free for the reply when old exchanges are dropped: max_new_tokens, but at most half the
+        window, so that a max_new_tokens beyond the context still leaves room for a conversation."""
+        return max(1, min(self.max_new_tokens, self.window // 2))
+
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the conversation with the generation prompt, after dropping the oldest exchanges as needed
-        to leave max_new_tokens of room in the window."""
-        limit = self.window - self.max_new_tokens
-        if limit <= 0:
-            raise ChatError(
-                f"max_new_tokens ({self.max_new_tokens}) leaves no room in the context window ({self.window})"
-            )
+        to leave `reply_room` tokens in the window."""
         while True:
             ids = self.tokenizer.apply_chat_template(self.messages(question), add_generation_prompt=True)
-            if len(ids) <= limit:
-                return ids
-            if not (self.history and self.turns):
-                raise ChatError(
-                    f"the question needs {len(ids)} tokens with the system prompt, but only {limit} fit in the "
-                    f"context window ({self.window}) with {self.max_new_tokens} tokens left for the reply; "
-                    "shorten it or lower --max-new-tokens"
-                )
+            if len(ids) + self.reply_room <= self.window or not (self.history and self.turns):
+                break
             self._drop_oldest_exchange()
+        if len(ids) >= self.window:
+            limit = self.model.config.max_position_embeddings
+            raise ChatError(
+                f"the question needs {len(ids)} tokens with the system prompt, which leaves no room for a reply in "
+                f"the context window of {self.window} tokens (--context-window; the model allows up to {limit}); "
+                "shorten it"
+            )
+        return ids
+
+    def reply_budget(self, prompt_length: int) -> int:
+        """New tokens the reply may have: max_new_tokens, or what the window has left if that is less."""
+        return min(self.max_new_tokens, self.window - prompt_length)
 
     def _drop_oldest_exchange(self) -> None:
         # an exchange is a user message and the replies up to the next user message
@@ -93,7 +113,7 @@ class ChatSession:
             self.model,
             self.tokenizer,
             ids,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.reply_budget(len(ids)),
             temperature=self.sampling.temperature,
             top_k=self.sampling.top_k,
             top_p=self.sampling.top_p,

@@ -1,10 +1,18 @@
-"""`qwen15 <command>`: one entry point; each command lives in qwen15.commands.<name> and is imported when used."""
+"""`qwen15 <command>`: one entry point; each command lives in qwen15.commands.<name> and is imported when used.
+
+Errors: a `UserError` (bad input the user can fix) prints one line and exits 2; so does an operating-system error
+about a user's path (a folder that cannot be written, a file where a folder was expected, a full disk). Anything
+else is a bug: its traceback is printed with a line asking to report it (exit 1). `--debug` (or QWEN15_DEBUG=1)
+prints the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int | None.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qwen15", description="PyTorch toolkit for the Qwen1.5 language models"
     )
     parser.add_argument("--version", action="version", version=f"qwen15 {__import__('qwen15').__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of every error (anywhere on the command line)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(
@@ -52,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may come anywhere (after a subcommand's own subcommand too), so it is taken out before parsing
+    debug = "--debug" in argv or os.environ.get("QWEN15_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "_takes_overrides", False):
@@ -60,16 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from qwen15.errors import UserError
-
     try:
         return int(args._run(args) or 0)
-    except UserError as e:
-        print(f"qwen15 {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        return report_error(e, f"qwen15 {args.command}", debug)
+
+
+def report_error(error: BaseException, prog: str, debug: bool = False) -> int:
+    """Print `error` as the CLI does and return the exit code: 2 for the user's errors, 1 for bugs."""
+    from qwen15.errors import UserError, describe_user_os_error
+
+    message = str(error) if isinstance(error, UserError) else describe_user_os_error(error)
+    if debug or message is None:
+        traceback.print_exc()
+    if message is not None:
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    print(
+        f"{prog}: internal error ({type(error).__name__}). This is a bug in qwen15, not in your input: please "
+        "report it with the command line and the traceback above.",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

@@ -111,6 +111,26 @@ def load_weights(parts: nn.Module | list[nn.Module], folder: str | os.PathLike) 
         by_file.setdefault(entries[name].file, []).append(name)
     for path, names in by_file.items():
         _copy_from_file(path, sorted(names, key=lambda n: entries[n].begin), entries, params)
+    check_finite(params, str(folder))
+
+
+def check_finite(params: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or infinity: generation would print garbage and perplexity nan, without a word
+    (this rank's slices; a full pass over the weights, cheap next to reading them)."""
+    bad = []
+    for name, p in params.items():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if not local.is_floating_point():
+            continue
+        # a few million elements at a time: isfinite of a whole embedding would allocate several times its size
+        if not all(bool(torch.isfinite(part).all()) for part in local.detach().reshape(-1).split(1 << 22)):
+            bad.append(name)
+    if bad:
+        raise CheckpointError(
+            f"{where}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}); the "
+            "checkpoint is corrupt or comes from a training that diverged. Use an earlier checkpoint"
+        )
 
 
 def _copy_from_file(
@@ -212,9 +232,11 @@ def save_pretrained(
     tokenizer=None,
     max_shard_size: int | str = "5GB",
     generation_config: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """`Qwen.save_pretrained`: the model's weights in their dtype, its config and generation config, and the
-    tokenizer (given, or copied from the folder the model was loaded from)."""
+    tokenizer (given, or copied from the folder the model was loaded from). An existing folder is replaced only
+    when qwen15 wrote it (and overwrite is True), never the folder the model was loaded from."""
     state = hf_state_dict(model)
     with torch.device("meta"):
         expected = hf_state_dict(type(model)(model.config))
@@ -233,4 +255,7 @@ def save_pretrained(
         tokenizer=tokenizer,
         tokenizer_dir=None if tokenizer is not None else getattr(model, "source_dir", None),
         max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[getattr(model, "source_dir", None)],
+        flag="save_pretrained path",
     )

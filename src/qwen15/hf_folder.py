@@ -22,7 +22,7 @@ import numpy as np
 
 from qwen15.atomic import atomic_directory, atomic_write_text
 from qwen15.errors import UserError
-from qwen15.model_config import CHAT_SAMPLING, ENDOFTEXT_ID, IM_END_ID, ModelConfig
+from qwen15.model_config import CHAT_SAMPLING, ENDOFTEXT_ID, IM_END_ID, IM_START_ID, ModelConfig
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -213,15 +213,78 @@ def _abbrev(items: list[str], n: int = 8) -> list[str]:
 
 def parse_size(size: int | str) -> int:
     """Bytes of '5GB', '500MB', '2GiB' or a plain number; a CheckpointError naming the value otherwise."""
-    if isinstance(size, int) and size > 0:
+    if isinstance(size, int) and size >= 1:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise CheckpointError(f"cannot read size {size!r}; write e.g. '5GB' or '500MB'")
-    unit = m.group(2) or "B"
     powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     powers.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(m.group(1)) * powers[unit])
+    value = float(m.group(1)) * powers[m.group(2) or "B"] if m else 0.0
+    if not 1 <= value <= 2**60:
+        raise CheckpointError(
+            f"--max-shard-size {size!r}: not a size between 1 byte and 1 EiB; write e.g. '5GB' or '500MB'"
+        )
+    return int(value)
+
+
+def saved_special_ids(folder: Path) -> dict[str, int]:
+    """Special token -> id of the tokenizer saved in `folder` (tokenizer_config.json, else tokenizer.json); empty
+    when the folder holds no tokenizer."""
+    cfg_file, tok_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    try:
+        if cfg_file.is_file():
+            decoder = json.loads(cfg_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+            return {spec["content"]: int(i) for i, spec in decoder.items() if spec.get("special", True)}
+        if tok_file.is_file():
+            added = json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens") or []
+            return {t["content"]: int(t["id"]) for t in added if t.get("special")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{folder}: the tokenizer's special tokens cannot be read") from None
+    return {}
+
+
+def _fit_ids(value: Any, qwen_ids: dict[int, str], specials: dict[str, int], vocab: int) -> Any:
+    """An id (or list of ids) of a config written for Qwen's numbering, in the saved tokenizer's numbering: a
+    Qwen special id becomes the saved tokenizer's id of that token; ids outside the vocabulary are dropped."""
+    if isinstance(value, list):
+        out = [i for i in (_fit_ids(v, qwen_ids, specials, vocab) for v in value) if i is not None]
+        return out or None
+    if not isinstance(value, int):
+        return value
+    if value in specials.values():
+        return value
+    name = qwen_ids.get(value)
+    if name is not None and name in specials:
+        return specials[name]
+    return value if 0 <= value < vocab else None
+
+
+def fit_to_tokenizer(
+    config: ModelConfig, generation: dict[str, Any] | None, specials: dict[str, int]
+) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """config.json and generation_config.json as they must be beside the tokenizer saved with them: special-token
+    ids from that tokenizer (a model of a small vocabulary must not name Qwen's 151643), and a max_new_tokens
+    within the model's context. Without a saved tokenizer (`specials` empty) both are left as they are."""
+    if not specials:  # no tokenizer saved beside them: nothing to take the ids from
+        return config, generation
+    qwen_ids = {ENDOFTEXT_ID: "<|endoftext|>", IM_START_ID: "<|im_start|>", IM_END_ID: "<|im_end|>"}
+    vocab = config.vocab_size
+    config = config.replace(
+        bos_token_id=_fit_ids(config.bos_token_id, qwen_ids, specials, vocab),
+        eos_token_id=_fit_ids(config.eos_token_id, qwen_ids, specials, vocab),
+    )
+    if generation is not None:
+        generation = dict(generation)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if key in generation:
+                fitted = _fit_ids(generation[key], qwen_ids, specials, vocab)
+                if fitted is None:
+                    del generation[key]
+                else:
+                    generation[key] = fitted
+        limit = config.max_position_embeddings
+        if isinstance(generation.get("max_new_tokens"), int) and generation["max_new_tokens"] > limit:
+            generation["max_new_tokens"] = limit
+    return config, generation
 
 
 def generation_config(
@@ -310,15 +373,28 @@ def write_hf_folder(
     tokenizer=None,
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
-    overwrite: bool = True,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    flag: str = "OUT_DIR",
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Path:
-    """Write a Hugging Face folder atomically (built beside `path`, renamed when complete): the tensors (under
-    Hugging Face names) in safetensors files of at most max_shard_size with an index when there are several,
-    config.json, generation_config.json (`generation`, else the default for the config), and the tokenizer files
-    from `tokenizer` (a qwen15 Tokenizer) or copied from `tokenizer_dir`."""
+    """Write a Hugging Face folder by the output rule of qwen15.atomic (built beside `path`, renamed when
+    complete; an existing folder replaced only with overwrite and only one qwen15 wrote; never one of `inputs`
+    or a folder holding them): the tensors (under Hugging Face names) in safetensors files of at most
+    max_shard_size with an index when there are several, config.json, generation_config.json (`generation`, else
+    the default for the config), and the tokenizer files from `tokenizer` (a qwen15 Tokenizer) or copied from
+    `tokenizer_dir`; the special-token ids of both configs are then that tokenizer's (fit_to_tokenizer)."""
     shards = plan_shards(tensors, max_shard_size)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    sources = [*inputs, tokenizer_dir, getattr(tokenizer, "source", None)]
+    with atomic_directory(path, overwrite=overwrite, inputs=sources, flag=flag, kind="hf-model") as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        gen = generation if generation is not None else default_generation_config(config)
+        config, gen = fit_to_tokenizer(config, gen, saved_special_ids(tmp))
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards):
             fname = SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -328,12 +404,5 @@ def write_hf_folder(
             index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
             atomic_write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
         config.save_json(tmp / "config.json")
-        gen = generation if generation is not None else default_generation_config(config)
         atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
     return Path(path)

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="export as a chat model")
     chat.add_argument("--base", dest="chat", action="store_false", help="export as a base model")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only a folder qwen15 wrote)"
+    )
     ms = parser.add_argument_group("MindSpore / MindFormers (docs/migrate.md)")
     ms.add_argument(
         "--config",
@@ -88,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     if args.source == "mindspore" or args.to == "mindspore":
         return _mindspore(args)
+    import sys
+
     from qwen15.train.export import export_hf
 
     out = export_hf(
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         chat=args.chat,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        warn=lambda m: print(m, file=sys.stderr),
     )
     print(f"wrote {out}")
     return 0

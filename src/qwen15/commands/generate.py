@@ -14,6 +14,7 @@ from qwen15.commands.options import (
     add_sampling_arguments,
     load_model,
     sampling_overrides,
+    utf8_text,
 )
 
 
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="TEXT",
+        type=utf8_text("--prompt"),
         help="text to continue (repeatable: one batch)",
     )
     add_model_arguments(parser)
@@ -39,6 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from qwen15.errors import UserError
     from qwen15.generation import generate, stream_generate
 
+    sampling = sampling_overrides(args)
+    empty = [i + 1 for i, text in enumerate(args.prompt) if not text]
+    if empty:
+        raise UserError(f"--prompt number {empty[0]} is empty; give some text to continue")
+    if args.stream and len(args.prompt) != 1:
+        raise UserError("--stream takes one --prompt")
     model, tokenizer = load_model(args)
     kw = dict(
         max_new_tokens=args.max_new_tokens,
@@ -46,11 +54,9 @@ def run(args: argparse.Namespace) -> int:
         stop_token_ids=args.stop_token_id,
         seed=args.seed,
         compile=args.compile,
-        **sampling_overrides(args),
+        **sampling,
     )
     if args.stream:
-        if len(args.prompt) != 1:
-            raise UserError("--stream takes one --prompt")
         print(args.prompt[0], end="", flush=True)
         stream = stream_generate(model, tokenizer, args.prompt[0], **kw)
         for delta in stream:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 
 from qwen15.model_config import CHAT_SAMPLING
@@ -17,13 +19,71 @@ SAMPLING_HELP = (
 )
 
 
+def utf8_text(flag: str):
+    """An argparse type for text options: refuses bytes that are not UTF-8 (a terminal in another encoding passes
+    them as surrogates, which no tokenizer can encode)."""
+
+    def parse(value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise argparse.ArgumentTypeError(
+                f"{flag} is not valid UTF-8 (byte {e.start} of the text); set the terminal to UTF-8 or pass the "
+                "text in UTF-8"
+            ) from None
+        return value
+
+    parse.__name__ = "UTF-8 text"
+    return parse
+
+
+def bounded(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False):
+    """An argparse type: an int or a finite float within [low, high] (above=True: strictly greater than low), so
+    that a value out of range is refused by the parser with the option's name, before anything loads."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        too_low = low is not None and (value <= low if above else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else (f"> {low:g}" if above else f">= {low:g}")
+            hi = "" if high is None else f"<= {high:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_arg(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument(
         "--model", required=True, metavar="DIR", help="a local Hugging Face folder (config.json, weights)"
     )
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model folder)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        type=device_arg,
+        help="cpu, cuda, cuda:1 ... (default: cuda when available)",
+    )
     g.add_argument(
         "--dtype",
         default="auto",
@@ -40,27 +100,49 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="compiled static-shape decode step with CUDA graphs (default: on for CUDA, off on CPU)",
+        help="compiled static-shape decode step with CUDA graphs (CUDA only; default: on for CUDA)",
     )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     g = parser.add_argument_group("sampling", SAMPLING_HELP)
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
-    g.add_argument("--temperature", type=float, help="0 = greedy")
-    g.add_argument("--top-k", type=int, help="0 = off")
-    g.add_argument("--top-p", type=float, help="1 = off")
-    g.add_argument("--repetition-penalty", type=float, help="1 = off")
-    g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    g.add_argument("--seed", type=int, help="seed of the sampler (same seed, same output)")
-    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     g.add_argument(
-        "--stop-token-id", action="append", type=int, default=None, metavar="ID", help="stop id (repeatable)"
+        "--max-new-tokens", type=bounded(int, 1), default=max_new_tokens, help=f"(default {max_new_tokens})"
+    )
+    g.add_argument("--temperature", type=bounded(float, 0), help="0 = greedy")
+    g.add_argument("--top-k", type=bounded(int, 0), help="0 = off")
+    g.add_argument("--top-p", type=bounded(float, 0, 1, above=True), help="1 = off")
+    g.add_argument("--repetition-penalty", type=bounded(float, 0, above=True), help="1 = off")
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    g.add_argument(
+        "--seed", type=bounded(int, 0, 2**63 - 1), help="seed of the sampler (same seed, same output)"
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        type=utf8_text("--stop"),
+        help="stop string (repeatable)",
+    )
+    g.add_argument(
+        "--stop-token-id",
+        action="append",
+        type=bounded(int, 0),
+        default=None,
+        metavar="ID",
+        help="stop id (repeatable; must be in the model's vocabulary)",
     )
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampling settings given on the command line (None: the checkpoint's default)."""
+    from qwen15.errors import UserError
+
+    if args.greedy and args.temperature not in (None, 0):
+        raise UserError(
+            f"--greedy and --temperature {args.temperature} contradict each other; give one of them"
+        )
     return {
         "temperature": 0.0 if args.greedy else args.temperature,
         "top_k": args.top_k,
@@ -126,6 +208,13 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if getattr(args, "compile", None) and not device.startswith("cuda"):
+        raise UserError(
+            "--compile runs the decode step as CUDA graphs and needs a CUDA device; on CPU decoding runs eager "
+            "(leave --compile out)"
+        )
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     t = time.perf_counter()
     if tensor_parallel_world() > 1:
@@ -136,9 +225,29 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
         if prepare:
             note = prepare_for_inference(model, args.quantize).inference_format
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    check_fit(args, model, tokenizer)
     print(
         f"loaded {args.model} on {device} ({str(next(model.parameters()).dtype).removeprefix('torch.')}, {note}) "
         f"in {time.perf_counter() - t:.1f}s",
         file=sys.stderr,
     )
     return model, tokenizer
+
+
+def check_fit(args: argparse.Namespace, model, tokenizer) -> None:
+    """Refuse a tokenizer with ids beyond the model's embedding, and stop ids outside the vocabulary (both would
+    fail deep in the forward pass, or never stop)."""
+    from qwen15.errors import UserError
+
+    vocab = model.config.vocab_size
+    if len(tokenizer) > vocab:
+        flag = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"--model {args.model} (its tokenizer)"
+        raise UserError(
+            f"{flag}: the tokenizer has {len(tokenizer)} tokens but the model only {vocab} embedding rows; pass "
+            "the tokenizer the model was trained with"
+        )
+    for token_id in getattr(args, "stop_token_id", None) or []:
+        if token_id >= vocab:
+            raise UserError(
+                f"--stop-token-id {token_id}: outside the model's vocabulary (ids 0..{vocab - 1})"
+            )

@@ -41,7 +41,7 @@ def recipe_path(name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from qwen15.train.config import load_config
 
-    cfg = load_config(recipe_path(args.config) if args.config else None, args.overrides)
+    cfg = load_config(recipe_path(args.config) if args.config is not None else None, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,10 +78,12 @@ def _schedule(steps: int, rows: int, lr: float) -> dict:
 
 
 def _train(settings: dict, echo) -> object:
-    """`qwen15 train` in this process, with `--key value` overrides built from `settings`."""
+    """`qwen15 train` in this process, with `--key value` overrides built from `settings`. The run directory is
+    the demo's own: an earlier demo's run there is replaced (not resumed, not set aside)."""
     from qwen15.train.config import load_config
     from qwen15.train.trainer import train
 
+    shutil.rmtree(settings["train.run_dir"], ignore_errors=True)
     overrides = []
     for key, value in settings.items():
         overrides += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -258,9 +261,20 @@ def ask_held_out(d: Demo) -> tuple[int, int]:
     return correct, len(questions)
 
 
-def run_demo(out: Path, budget: DemoBudget | None = None, echo=print) -> dict:
+def claim_output(out: Path, overwrite: bool) -> None:
+    """The demo writes many things into `out`: it takes an empty or new folder, or (with overwrite) one an earlier
+    demo wrote (our marker), never a folder of the user's (qwen15.atomic's rule, applied to the folder)."""
+    from qwen15.atomic import MARKER, check_output_folder
+
+    out = check_output_folder(out, overwrite=overwrite, flag="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"written_by": "qwen15 demo"}) + "\n", encoding="utf-8")
+
+
+def run_demo(out: Path, budget: DemoBudget | None = None, echo=print, overwrite: bool = False) -> dict:
     """Run every stage into `out`; returns a summary (accuracy, paths, seconds per stage)."""
     b = budget or DemoBudget()
+    claim_output(Path(out), overwrite)
     d = Demo(Path(out), b, echo)
     stages = [
         (

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen15.atomic import check_output_file, check_output_folder
+from qwen15.errors import UserError
 from qwen15.hf_folder import OutTensor, write_hf_folder
 from qwen15.mindspore import names as N
 from qwen15.mindspore.ckpt import SLICE_BYTES, CkptFile, CkptWriter
@@ -22,13 +24,13 @@ from qwen15.mindspore.strategy import ShardedCheckpoint
 from qwen15.model_config import ModelConfig
 
 
-def refuse_overwriting_input(out: Path, inputs: list[Path]) -> None:
-    """An output that is, or would replace a folder holding, one of the inputs (never delete the input)."""
-    target = out.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if p == target or target in p.parents:
-            raise MigrationError(f"{out}: holds the input {p}; write the output somewhere else")
+def _is_ckpt(path: Path) -> bool:
+    """A file MindSpore's checkpoint reader takes (what --overwrite may replace)."""
+    try:
+        CkptFile(path, check_crc=False).close()
+        return True
+    except (UserError, OSError, ValueError):
+        return False
 
 
 class SafetensorsCheckpoint:
@@ -99,9 +101,8 @@ def mindspore_to_hf(
     if tok is not None and not (tok / "vocab.json").is_file() and not (tok / "tokenizer.json").is_file():
         raise MigrationError(f"{tok}: no tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise MigrationError(f"{out}: exists and is not empty; pass --overwrite to replace it")
-    refuse_overwriting_input(out, [Path(checkpoint)] + ([Path(strategy)] if strategy else []))
+    inputs = [checkpoint, strategy, tok]
+    check_output_folder(out, overwrite=overwrite, inputs=inputs, flag="OUT_DIR")
     source = open_mindspore(Path(checkpoint), Path(strategy) if strategy else None)
     summary = Summary()
     try:
@@ -136,6 +137,7 @@ def mindspore_to_hf(
                 tokenizer_dir=tok,
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
+                inputs=inputs,
                 on_bytes=progress,
             )
         finally:
@@ -162,9 +164,9 @@ def hf_to_mindspore(
     folder, out = Path(hf_dir), Path(out_file)
     if not folder.is_dir():
         raise MigrationError(f"{folder}: no such Hugging Face folder")
-    if out.exists() and not overwrite:
-        raise MigrationError(f"{out}: exists; pass --overwrite to replace it")
-    refuse_overwriting_input(out, [folder, *folder.glob("*")])
+    check_output_file(
+        out, overwrite=overwrite, inputs=[folder], flag="OUT", looks_ours=_is_ckpt, what="MindSpore .ckpt"
+    )
     cfg = ModelConfig.from_json_file(folder / "config.json")
     found = {t.name: t for t in read_hf_folder(folder)}
     summary = Summary()

@@ -53,7 +53,7 @@ def mindrecord_to_dataset(
         raise DataInputError(f"{path}: row 0 has {row_len} token(s); a training row needs at least 2")
     rows = loss_tokens = padding = 0
     with (
-        dataset_folder(output, overwrite) as folder,
+        dataset_folder(output, overwrite, inputs=data.files()) as folder,
         RowWriter(folder, row_len) as writer,
         Progress(len(data), "rows", quiet=quiet, desc="from-mindrecord") as bar,
     ):

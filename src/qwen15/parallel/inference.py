@@ -32,10 +32,13 @@ def init_inference_mesh(device_type: str | None = None) -> DeviceMesh:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from qwen15.parallel.launcher_watch import watch_launcher
+
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))

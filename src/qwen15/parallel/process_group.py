@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from qwen15.errors import UserError
+from qwen15.parallel.launcher_watch import watch_launcher
 from qwen15.parallel.layout import RunMesh
 
 
@@ -55,6 +57,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
         dev = torch.device("cpu")
         backend = "gloo"
     owns = False
+    watch_launcher()
     if not dist.is_initialized():
         owns = True
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
@@ -76,6 +79,15 @@ def all_reduce_sum(value: torch.Tensor, mesh: RunMesh | None = None, dim: str = 
         group = (mesh.dp if dim == "dp" else mesh[dim]).get_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (a decision one rank made, such as an error message)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
     return value
 
 

@@ -19,6 +19,7 @@ import yaml
 from qwen15.errors import UserError
 from qwen15.model_config import CHAT_SAMPLING, SHAPE_KEYS, ModelConfig
 from qwen15.parallel.layout import ParallelLayout
+from qwen15.paths import utf8_error
 
 
 class TrainConfigError(UserError):
@@ -135,9 +136,18 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
+    def where(self, key: str) -> str:
+        """'recipe.yaml:12: ' or '--optim.lr: ' for a key that was set in a recipe or on the command line."""
+        source = getattr(self, "_sources", {}).get(key)
+        return f"{source}: " if source else ""
+
     def validate(self) -> None:
-        """Checks that span keys; each message names the keys concerned."""
+        """Checks that span keys; each message names the keys concerned, and where the first was set."""
         t, o, m = self.train, self.optim, self.model
+
+        def bad(key: str, message: str) -> TrainConfigError:
+            return TrainConfigError(f"{self.where(key)}{message}")
+
         for key, value in (
             ("train.steps", t.steps),
             ("train.global_batch_size", t.global_batch_size),
@@ -146,54 +156,76 @@ class TrainConfig:
             ("checkpoint.keep", self.checkpoint.keep),
         ):
             if value <= 0:
-                raise TrainConfigError(f"{key} must be positive, got {value}")
+                raise bad(key, f"{key} must be positive, got {value}")
         if t.global_batch_size % t.micro_batch_size:
-            raise TrainConfigError(
+            raise bad(
+                "train.global_batch_size",
                 f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size "
-                f"{t.micro_batch_size}"
+                f"{t.micro_batch_size}",
             )
         if t.loss_chunk_size < 0:
-            raise TrainConfigError(f"train.loss_chunk_size must be >= 0, got {t.loss_chunk_size}")
+            raise bad("train.loss_chunk_size", f"train.loss_chunk_size must be >= 0, got {t.loss_chunk_size}")
         if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
-            raise TrainConfigError(f"train.stop_at {t.stop_at} must lie between 1 and train.steps {t.steps}")
+            raise bad(
+                "train.stop_at", f"train.stop_at {t.stop_at} must lie between 1 and train.steps {t.steps}"
+            )
         if self.checkpoint.every < 0:
-            raise TrainConfigError(f"checkpoint.every must be >= 0, got {self.checkpoint.every}")
+            raise bad("checkpoint.every", f"checkpoint.every must be >= 0, got {self.checkpoint.every}")
         if not (o.lr > 0 and math.isfinite(o.lr)):
-            raise TrainConfigError(f"optim.lr must be a positive number, got {o.lr}")
+            raise bad("optim.lr", f"optim.lr must be a positive number, got {o.lr}")
         if not 0 <= o.min_lr <= o.lr:
-            raise TrainConfigError(f"optim.min_lr {o.min_lr} must lie between 0 and optim.lr {o.lr}")
+            raise bad("optim.min_lr", f"optim.min_lr {o.min_lr} must lie between 0 and optim.lr {o.lr}")
         if not 0 <= o.warmup_steps <= t.steps:
-            raise TrainConfigError(
-                f"optim.warmup_steps {o.warmup_steps} must lie between 0 and train.steps {t.steps}"
+            raise bad(
+                "optim.warmup_steps",
+                f"optim.warmup_steps {o.warmup_steps} must lie between 0 and train.steps {t.steps}",
             )
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise TrainConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.eps <= 0 or o.weight_decay < 0 or o.clip_grad_norm < 0:
-            raise TrainConfigError("optim.eps must be > 0; optim.weight_decay and optim.clip_grad_norm >= 0")
+            raise bad("optim.betas", f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        for key, value, ok in (
+            ("optim.eps", o.eps, o.eps > 0),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0),
+            ("optim.clip_grad_norm", o.clip_grad_norm, o.clip_grad_norm >= 0),
+        ):
+            if not (ok and math.isfinite(value)):
+                raise bad(key, "optim.eps must be > 0; optim.weight_decay and optim.clip_grad_norm >= 0")
         par = self.parallel
         if par.dp_shard == 0 or par.dp_shard < -1:
-            raise TrainConfigError(
-                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {par.dp_shard}"
+            raise bad(
+                "parallel.dp_shard",
+                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {par.dp_shard}",
             )
         for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank", "world_size"):
             value = getattr(par, key)
             if value is not None and value < 1:
-                raise TrainConfigError(f"parallel.{key} must be a positive integer, got {value}")
+                raise bad(f"parallel.{key}", f"parallel.{key} must be a positive integer, got {value}")
         if par.pp > 1 and t.loss_chunk_size:
-            raise TrainConfigError(
+            raise bad(
+                "train.loss_chunk_size",
                 "train.loss_chunk_size works with parallel.pp 1 only (the loss runs inside the last pipeline "
-                "stage); set it to 0, and use parallel.tp to split the logits over the vocabulary instead"
+                "stage); set it to 0, and use parallel.tp to split the logits over the vocabulary instead",
             )
         if self.data.path is None:
-            raise TrainConfigError("data.path is required: a dataset folder from `qwen15 data preprocess`")
+            raise bad("data.path", "data.path is required: a dataset folder from `qwen15 data preprocess`")
         if t.mode == "finetune" and m.path is None:
-            raise TrainConfigError("train.mode finetune needs model.path: a Hugging Face model folder")
+            raise bad("train.mode", "train.mode finetune needs model.path: a Hugging Face model folder")
         sources = [k for k in ("preset", "path", "config") if getattr(m, k) is not None]
         if len(sources) != 1:
-            raise TrainConfigError(
+            raise bad(
+                f"model.{sources[-1]}" if sources else "model",
                 "give exactly one of model.preset (random init), model.config (a config.json, random init) or "
-                f"model.path (Hugging Face weights); got {', '.join('model.' + s for s in sources) or 'none'}"
+                f"model.path (Hugging Face weights); got {', '.join('model.' + s for s in sources) or 'none'}",
             )
+        g = self.generation
+        for key, ok in (
+            ("generation.temperature", g.temperature >= 0),
+            ("generation.top_p", 0 < g.top_p <= 1),
+            ("generation.top_k", g.top_k >= 0),
+            ("generation.repetition_penalty", g.repetition_penalty > 0),
+            ("generation.max_new_tokens", g.max_new_tokens >= 1),
+        ):
+            if not ok:
+                raise bad(key, f"{key} is out of range, got {getattr(g, key.partition('.')[2])}")
 
 
 SECTIONS: dict[str, type] = {
@@ -209,10 +241,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise TrainConfigError(f"--config {path}: is a folder; pass a recipe YAML file")
+        if not path.is_file():
+            raise TrainConfigError(
+                f"--config {path}: no such recipe file (nor a shipped recipe of that name)"
+            )
+        raw = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TrainConfigError(f"{path}: no such recipe file") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(str(utf8_error(path, raw, e))) from None
         data, lines = _parse_yaml(text, str(path))
         for section, values in data.items():
             where = f"{path}:{lines.get(section, '?')}"
@@ -293,6 +332,9 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str) -> None:
     if key not in hints:
         raise TrainConfigError(f"{where}: unknown key {dotted!r}; {section} keys are {', '.join(hints)}")
     setattr(getattr(cfg, section), key, coerce(value, hints[key], dotted, where))
+    if not hasattr(cfg, "_sources"):
+        cfg._sources = {}  # not a field: never part of to_dict() / the saved config
+    cfg._sources[dotted] = where
 
 
 def coerce(value: Any, hint: Any, key: str, where: str) -> Any:

@@ -8,9 +8,11 @@ One checkpoint is a folder `step-XXXXXXXX/` under the checkpoint directory (shar
   trainer_state.json     step, data position (RowSampler), tokens seen, layout, chat flag, generation settings
   train_config.yaml      the resolved recipe
   config.json + tokenizer files  what `qwen15 convert --to hf` needs to write a Hugging Face folder
-  COMPLETE               written last
+  COMPLETE               written last: the step, the process count, and the size of every file above
 It is written as `.step-XXXXXXXX.partial/` and renamed when complete; only folders with COMPLETE are ever read,
-so a run killed while saving resumes from the previous complete checkpoint.
+so a run killed while saving resumes from the previous complete checkpoint. Before one is read, its files are
+checked against the sizes in COMPLETE (`checkpoint_problem`): a damaged checkpoint (a truncated or lost file, an
+unreadable trainer_state.json) is named, and resuming falls back to the one before it.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class CheckpointNotFound(UserError):
     """No usable checkpoint where one was named."""
 
 
+class DamagedCheckpoint(CheckpointNotFound):
+    """A checkpoint marked complete whose files are not what was written."""
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -64,28 +70,130 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint folder from a checkpoint, a checkpoint directory or a run directory (its latest)."""
+def step_of(checkpoint: Path) -> int:
+    return int(_NAME.match(checkpoint.name).group(1))
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint, checked cheaply (files present with the sizes recorded at save,
+    trainer_state.json readable), or None when nothing is."""
+    try:
+        info = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its {MARKER} marker is unreadable"
+    files = info.get("files") if isinstance(info, dict) else None
+    if isinstance(files, dict):
+        for rel, size in files.items():
+            f = checkpoint / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return (
+                    f"{rel} has {f.stat().st_size} bytes where {size} were written (truncated or overwritten)"
+                )
+    else:  # saved before sizes were recorded: the files that must be there
+        for rel in ("state/.metadata", STATE, "config.json"):
+            if not (checkpoint / rel).is_file():
+                return f"{rel} is missing"
+        if not any(f.stat().st_size for f in (checkpoint / "state").glob("*.distcp")):
+            return "state/ holds no .distcp data"
+    try:
+        state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{STATE} cannot be read ({getattr(e, 'msg', None) or e})"
+    missing = [k for k in ("step", "world_size", "sampler") if not isinstance(state, dict) or k not in state]
+    if missing:
+        return f"{STATE} lacks {', '.join(missing)}"
+    return None
+
+
+def validate_checkpoint(checkpoint: Path) -> Path:
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise DamagedCheckpoint(
+            f"{checkpoint}: damaged checkpoint ({problem}); use an earlier one (or the run directory: its latest "
+            "intact checkpoint is used)"
+        )
+    return checkpoint
+
+
+def latest_intact(folder: Path, warn: Callable[[str], None] | None = None) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint of `folder` that passes `checkpoint_problem`, and the damaged ones newer
+    than it (each reported through `warn`)."""
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(folder)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append(checkpoint)
+        if warn is not None:
+            warn(
+                f"WARNING: checkpoint {checkpoint} is damaged ({problem}); falling back to the one before it"
+            )
+    return None, damaged
+
+
+def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """An intact checkpoint folder from a checkpoint, a checkpoint directory or a run directory (its latest intact
+    one; damaged newer ones are reported through `warn`). A checkpoint named itself must be intact."""
     path = Path(path)
     if (path / MARKER).is_file():
-        return path
+        return validate_checkpoint(path)
     if _NAME.match(path.name) or path.name.endswith(".partial"):
+        if not path.exists():
+            raise CheckpointNotFound(f"{path}: no such checkpoint")
         raise CheckpointNotFound(
             f"{path}: incomplete checkpoint (no {MARKER} marker: the run stopped while writing it); use an "
             "earlier one"
         )
+    if path.exists() and not path.is_dir():
+        raise CheckpointNotFound(f"{path}: is a file, not a checkpoint folder or run directory")
     for folder in (path, path / "checkpoints"):
-        found = complete_checkpoints(folder)
+        found, damaged = latest_intact(folder, warn)
         if found:
-            return found[-1]
+            return found
+        if damaged:
+            raise DamagedCheckpoint(
+                f"{folder}: every complete checkpoint here is damaged ({damaged[-1].name} ...)"
+            )
+    what = "no such folder" if not path.exists() else "no complete checkpoint here"
     raise CheckpointNotFound(
-        f"{path}: no complete checkpoint here (expected a step-XXXXXXXX folder with a {MARKER} marker, or a "
-        "run/checkpoint directory holding some)"
+        f"{path}: {what} (expected a step-XXXXXXXX folder with a {MARKER} marker, or a run/checkpoint directory "
+        "holding some)"
     )
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    try:
+        return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpoint(
+            f"{checkpoint / STATE}: cannot be read ({getattr(e, 'msg', None) or e})"
+        ) from None
+
+
+def set_aside(checkpoints: list[Path], folder: Path, why: str) -> Path | None:
+    """Move checkpoints out of the listing (never read again, nothing deleted) into folder/why/<time>/."""
+    if not checkpoints:
+        return None
+    target = folder / why / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while target.exists():
+        n += 1
+        target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+    target.mkdir(parents=True)
+    for checkpoint in checkpoints:
+        os.replace(checkpoint, target / checkpoint.name)
+    fsync_dir(folder)
+    return target
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MARKER
+    }
 
 
 class CheckpointManager:
@@ -97,6 +205,16 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.folder)
         return found[-1] if found else None
+
+    def latest_intact(self, warn: Callable[[str], None]) -> Path | None:
+        """The newest intact checkpoint; damaged newer ones are reported and moved to damaged/ (rank 0)."""
+        found, damaged = latest_intact(self.folder, warn if self.env.is_main else None)
+        barrier()
+        if self.env.is_main and damaged:
+            where = set_aside(damaged, self.folder, "damaged")
+            warn(f"WARNING: moved the damaged checkpoint(s) to {where}")
+        barrier()
+        return found
 
     def remove_partial(self) -> None:
         """Leftovers of a run killed while saving (never read; removed at start by rank 0)."""
@@ -131,9 +249,8 @@ class CheckpointManager:
             atomic_write_text(tmp / STATE, json.dumps(trainer_state, indent=2) + "\n")
             write_files(tmp)
             fsync_tree(tmp)
-            atomic_write_text(
-                tmp / MARKER, json.dumps({"step": step, "world_size": self.env.world_size}) + "\n"
-            )
+            marker = {"step": step, "world_size": self.env.world_size, "files": _manifest(tmp)}
+            atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
             old = None
             if final.exists():  # re-saving a step (a resumed run that went back): replace it whole
                 old = self.folder / f".{step_name(step)}.old"
@@ -158,7 +275,11 @@ class CheckpointManager:
         """Model, optimizer and this rank's RNG from `checkpoint` (saved by any number of processes, under any
         layout). `layout`: this run's layout, to restore the RNG only where rank i is the same role as before."""
         state, parts = _state_dicts(model, optimizer)
-        dcp.load(state, checkpoint_id=str(checkpoint / "state"))
+        try:
+            dcp.load(state, checkpoint_id=str(checkpoint / "state"))
+        except Exception as e:  # damage the size check cannot see (same size, other bytes)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpoint(f"{checkpoint}: the weights cannot be read ({first[:300]})") from e
         for module, opt, model_keys, optim_keys in parts:
             set_model_state_dict(module, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
             set_optimizer_state_dict(

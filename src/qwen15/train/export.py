@@ -6,7 +6,6 @@ needs memory for one shard, not for the model.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +16,19 @@ import torch.distributed.checkpoint as dcp
 
 from qwen15.errors import UserError
 from qwen15.hf_checkpoint import hf_state_dict, tensor_blocks
-from qwen15.hf_folder import OutTensor, generation_config, hf_name, our_name, plan_shards, write_hf_folder
+from qwen15.hf_folder import (
+    OutTensor,
+    generation_config,
+    hf_name,
+    our_name,
+    parse_size,
+    plan_shards,
+    saved_special_ids,
+    write_hf_folder,
+)
 from qwen15.model import Qwen
 from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
-from qwen15.train.dcp_checkpoint import read_trainer_state, resolve_checkpoint
+from qwen15.train.dcp_checkpoint import DamagedCheckpoint, read_trainer_state, resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,12 +39,8 @@ class ExportError(UserError):
 
 def special_ids(folder: Path) -> tuple[int, int]:
     """(<|endoftext|>, <|im_end|>) ids of the tokenizer saved in `folder` (Qwen's own when there is none)."""
-    cfg_file = folder / "tokenizer_config.json"
-    if cfg_file.is_file():
-        decoder = json.loads(cfg_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-        by_text = {spec.get("content"): int(i) for i, spec in decoder.items()}
-        return by_text.get("<|endoftext|>", ENDOFTEXT_ID), by_text.get("<|im_end|>", IM_END_ID)
-    return ENDOFTEXT_ID, IM_END_ID
+    found = saved_special_ids(folder)
+    return found.get("<|endoftext|>", ENDOFTEXT_ID), found.get("<|im_end|>", IM_END_ID)
 
 
 def export_hf(
@@ -47,13 +51,17 @@ def export_hf(
     chat: bool | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    warn=None,
 ) -> Path:
     """Write `out_dir` (weights, config.json, generation_config.json, tokenizer files) from a training checkpoint.
 
     dtype "auto" keeps the checkpoint's config torch_dtype (bfloat16 for the real sizes). chat None: as the
     training run decided (chat data -> chat model: eos <|im_end|>, both stop ids in generation_config.json).
+    The checkpoint is checked first (a damaged one is named; from a run directory, its latest intact one is
+    used, and `warn` says so), and `out_dir` must not hold it.
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    parse_size(max_shard_size)  # before any work
+    ckpt = resolve_checkpoint(checkpoint, warn)
     config = ModelConfig.from_json_file(ckpt / "config.json")
     state = read_trainer_state(ckpt)
     chat = bool(state.get("chat", False)) if chat is None else chat
@@ -74,7 +82,11 @@ def export_hf(
             part = {our_name(t.name): torch.empty(t.shape, dtype=out_dtype) for t in shards[shard_of[name]]}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({"model": part}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+                try:
+                    dcp.load({"model": part}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+                except Exception as e:  # damage the size check cannot see (same size, other bytes)
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise DamagedCheckpoint(f"{ckpt}: the weights cannot be read ({first[:300]})") from e
             loaded.clear()
             loaded.update({hf_name(k): v for k, v in part.items()})
         yield from tensor_blocks(loaded.pop(name))
@@ -83,15 +95,13 @@ def export_hf(
     tensors = [OutTensor(n, shape, dtype_name, lambda n=n: blocks(n)) for n, shape in shapes.items()]
     shards = plan_shards(tensors, max_shard_size)
     shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
-    try:
-        return write_hf_folder(
-            out_dir,
-            config,
-            tensors,
-            generation=generation_config(chat, endoftext, im_end, state.get("generation")),
-            tokenizer_dir=ckpt,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-        )
-    except FileExistsError as e:
-        raise ExportError(str(e)) from None
+    return write_hf_folder(
+        out_dir,
+        config,
+        tensors,
+        generation=generation_config(chat, endoftext, im_end, state.get("generation")),
+        tokenizer_dir=ckpt,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[ckpt],
+    )

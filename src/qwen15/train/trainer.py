@@ -30,7 +30,15 @@ from qwen15.parallel import process_group as D
 from qwen15.parallel.layout import ParallelLayout, build_mesh
 from qwen15.parallel.parallelize import parallelize, uses_autocast
 from qwen15.train.config import TrainConfig, TrainConfigError
-from qwen15.train.dcp_checkpoint import CheckpointManager, resolve_checkpoint
+from qwen15.train.dcp_checkpoint import (
+    CheckpointManager,
+    complete_checkpoints,
+    read_trainer_state,
+    resolve_checkpoint,
+    set_aside,
+    step_of,
+)
+from qwen15.train.lineage import config_changes, lineage_of, new_lineage
 from qwen15.train.loss import count_targets, cross_entropy_sum, micro_batch_loss
 from qwen15.train.metrics import (
     MetricsLogger,
@@ -43,10 +51,24 @@ from qwen15.train.metrics import (
 )
 from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, set_weight_decay
 from qwen15.train.random_init import init_weights
+from qwen15.train.run_lock import RunLock
 
 
 class TrainingDiverged(UserError):
     """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""
+
+
+class PeerLost(UserError):
+    """Another process of the run (a worker, a node, its launcher) went away in the middle of a collective."""
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timeout")
+
+
+def _is_peer_loss(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(error, getattr(dist, "DistError", ())) or any(s in str(error) for s in _PEER_GONE)
 
 
 @dataclass
@@ -105,7 +127,7 @@ class Trainer:
         try:
             self._setup()
         except BaseException:
-            D.teardown(self.env)
+            self.close()
             raise
 
     def log(self, message: str) -> None:
@@ -157,8 +179,10 @@ class Trainer:
                 f"{cfg.data.path}: the tokenizer of the data has {data_vocab} tokens but the model has only "
                 f"{self.model_config.vocab_size} embedding rows (model.vocab_size)"
             )
-        self.tokenizer_dir = self._prepare_tokenizer()
+        tokenizer = self._load_tokenizer()
         self.chat = self._is_chat()
+        if cfg.checkpoint.resume not in ("auto", "never"):
+            resolve_checkpoint(cfg.checkpoint.resume)  # a damaged or missing checkpoint fails before any work
 
         with torch.device("meta"):
             model = Qwen(self.model_config)
@@ -192,6 +216,9 @@ class Trainer:
         self.optimizers = [build_optimizer(part, cfg.optim) for part in parts]
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
 
+        # Everything above only reads; the run directory is written from here on, under its lock.
+        self.locks = self._lock_run_dir()
+        self.tokenizer_dir = self._save_tokenizer(tokenizer)
         self.step = 0
         self.tokens_seen = 0
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env)
@@ -216,6 +243,40 @@ class Trainer:
             f"{gbs} rows x {self.seq_length} tokens per step ({self.accumulation} micro-batch(es) of {mbs} per "
             f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
         )
+
+    def _lock_run_dir(self) -> list[RunLock]:
+        """Rank 0 takes the lock of the run directory (and of the checkpoint directory when it lies elsewhere)
+        for the run's life; every rank learns the outcome, so that all stop with the same message."""
+        from qwen15.errors import describe_user_os_error
+
+        cfg, locks, error = self.cfg, [], None
+        if self.env.is_main:
+            folders = {"train.run_dir": cfg.run_dir}
+            if cfg.run_dir.resolve() not in [
+                cfg.checkpoint_dir.resolve(),
+                *cfg.checkpoint_dir.resolve().parents,
+            ]:
+                folders["checkpoint.dir"] = cfg.checkpoint_dir
+            try:
+                for key, folder in folders.items():
+                    if folder.exists() and not folder.is_dir():
+                        raise TrainConfigError(
+                            f"{key} {folder}: is a file, not a folder; choose another {key}"
+                        )
+                for key, folder in folders.items():
+                    try:
+                        locks.append(RunLock(folder).acquire())
+                    except OSError as e:
+                        raise TrainConfigError(f"{key} {folder}: {describe_user_os_error(e) or e}") from None
+            except UserError as e:
+                for lock in locks:
+                    lock.release()
+                locks, error = [], (type(e), str(e))
+        error = D.broadcast_object(error)
+        if error is not None:
+            cls, message = error
+            raise (cls if issubclass(cls, UserError) else TrainConfigError)(message)
+        return locks
 
     def _layout(self) -> ParallelLayout:
         """The `parallel` section as a layout checked against this launch and the model (errors name the key)."""
@@ -266,9 +327,8 @@ class Trainer:
             tp_mesh=self.mesh["tp"],
         )
 
-    def _prepare_tokenizer(self) -> Path | None:
-        """Save the run's tokenizer once in the run directory (checkpoints and exports copy it from there), and
-        refuse data tokenized by another tokenizer."""
+    def _load_tokenizer(self):
+        """The run's tokenizer (model.tokenizer, or the model folder's), refusing data tokenized by another."""
         source = self.cfg.model.tokenizer
         if source is None and self.cfg.model.path is not None:
             folder = Path(self.cfg.model.path)
@@ -288,6 +348,17 @@ class Trainer:
                 f"{self.cfg.data.path} was built with another tokenizer (fingerprint {expected}) than {source} "
                 f"({tokenizer.fingerprint}); preprocess the data again with the model's tokenizer"
             )
+        if len(tokenizer) > self.model_config.vocab_size:
+            raise TrainConfigError(
+                f"model.tokenizer {source}: {len(tokenizer)} tokens, but the model has only "
+                f"{self.model_config.vocab_size} embedding rows (model.vocab_size)"
+            )
+        return tokenizer
+
+    def _save_tokenizer(self, tokenizer) -> Path | None:
+        """Save the run's tokenizer once in the run directory (checkpoints and exports copy it from there)."""
+        if tokenizer is None:
+            return None
         folder = self.cfg.run_dir / "tokenizer"
         if self.env.is_main:
             tmp = folder.with_name(".tokenizer.partial")
@@ -306,12 +377,44 @@ class Trainer:
         return IM_END_ID in self.model_config.eos_token_ids  # finetuning a Chat model keeps it one
 
     def _resume(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
+        """Pick the checkpoint to resume from (resume auto: the newest intact one; damaged newer ones are named and
+        moved to damaged/) and settle the lineage: checkpoints that are not history of what this run continues
+        are moved to abandoned/ (qwen15.train.lineage)."""
+        cfg = self.cfg
+        resume = cfg.checkpoint.resume
         if resume == "never":
-            return None
-        path = self.checkpoints.latest() if resume == "auto" else resolve_checkpoint(resume)
+            path = None
+        elif resume == "auto":
+            path = self.checkpoints.latest_intact(self.log)
+        else:
+            path = resolve_checkpoint(resume, self.log)
+        folder = cfg.checkpoint_dir
+        existing = complete_checkpoints(folder)
+        here = path is not None and path.parent.resolve() == folder.resolve()
+        if path is None:
+            self.lineage, stale, why = (
+                new_lineage(),
+                existing,
+                "this run starts over (checkpoint.resume never)",
+            )
+        else:
+            parent = lineage_of(read_trainer_state(path))
+            if here and path == existing[-1]:
+                self.lineage, stale, why = parent, [], ""
+            else:
+                branch = {"id": parent["id"], "step": step_of(path), "checkpoint": str(path)}
+                self.lineage = new_lineage(branch)
+                stale = [c for c in existing if step_of(c) > step_of(path)] if here else existing
+                why = f"this run continues from {path}, not from the newest checkpoint of {folder}"
+        if stale:
+            self._abandon(stale, why)
         if path is None:
             return None
+        changes = config_changes(path / "train_config.yaml", cfg.to_dict())
+        if changes:
+            self.log(
+                f"note: resuming from {path} with settings that differ from its own: {'; '.join(changes)}"
+            )
         saved = ModelConfig.from_json_file(path / "config.json")
         diff = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(self.model_config, k)]
         if diff:
@@ -342,6 +445,21 @@ class Trainer:
                 f"the data order continues at row {self.sampler.position} of the global order"
             )
         return path
+
+    def _abandon(self, stale: list[Path], why: str) -> None:
+        """Move checkpoints of another history out of the listing (rank 0), with a copy of the metrics so far."""
+        where = None
+        if self.env.is_main:
+            where = set_aside(stale, self.cfg.checkpoint_dir, "abandoned")
+            metrics = self.cfg.run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                shutil.copy2(metrics, where / "metrics.jsonl")
+            self.log(
+                f"WARNING: {why}: moved {len(stale)} checkpoint(s) of the earlier history "
+                f"({', '.join(c.name for c in stale)}) and a copy of metrics.jsonl to {where}; `resume: auto` never "
+                "picks them up. Delete that folder when you no longer need it."
+            )
+        D.barrier()
 
     # ------------------------------------------------------------------ one step
 
@@ -448,6 +566,7 @@ class Trainer:
             "mode": self.cfg.train.mode,
             "chat": self.chat,
             "generation": self._generation_settings(),
+            "lineage": self.lineage,
         }
         return self.checkpoints.save(
             self.step, self.parts, self.optimizers, state, self._write_checkpoint_files
@@ -475,6 +594,20 @@ class Trainer:
                 shutil.copyfile(f, folder / f.name)
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except RuntimeError as e:
+            if self.env.world_size == 1 or not _is_peer_loss(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            last = self.checkpoints.latest()
+            raise PeerLost(
+                f"rank {self.env.rank}: lost contact with other training processes ({first[:200]}); a worker, a "
+                f"node or its launcher stopped. The last complete checkpoint is {last or '(none yet)'}; start every "
+                "node again to resume from it"
+            ) from None
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         total = cfg.train.steps
         result = TrainResult(cfg.run_dir, self.step, resumed_from=self.resumed_from)
@@ -482,6 +615,12 @@ class Trainer:
         saved_at = self.step if self.resumed_from else -1
         start = self.step
         end = min(total, cfg.train.stop_at or total)
+        if self.step >= end:
+            self.log(
+                f"nothing to train: the run is at step {self.step} of train.steps {total}"
+                + (f" (train.stop_at {cfg.train.stop_at})" if cfg.train.stop_at else "")
+                + "; raise --train.steps to continue it, or choose another --train.run_dir for a new run"
+            )
         while self.step < end:
             batch = self.dataset.batch(self.sampler.next_batch())
             stats = self.train_step(batch)
@@ -526,6 +665,8 @@ class Trainer:
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        for lock in getattr(self, "locks", []):
+            lock.release()
         D.teardown(self.env)
 
 
