@@ -14,7 +14,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qwen15.commands.eval", "evaluate a model (perplexity)"),
     "data": ("qwen15.commands.data", "prepare datasets (alpaca-to-chat, preprocess)"),
     "train": ("qwen15.commands.train", "pretrain or finetune (one process or torchrun)"),
-    "convert": ("qwen15.commands.convert", "convert training checkpoints to Hugging Face folders"),
+    "convert": (
+        "qwen15.commands.convert",
+        "convert training checkpoints to Hugging Face folders (or a LoRA run's adapters to PEFT's format)",
+    ),
+    "lora": ("qwen15.commands.lora", "LoRA adapters (merge into the base model)"),
     "demo": (
         "qwen15.commands.demo",
         "the quickstart: pretrain, finetune, export and chat with a small model on CPU",

@@ -165,9 +165,16 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def check_names(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, where: str
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    tied: bool,
+    where: str,
+    *,
+    subject: str = "the weights do not match config.json",
+    hint: str = "Check that config.json belongs to these weights (a q/k/v bias or lm_head dropped by a "
+    "converter shows up here)",
 ) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming them."""
+    """Refuse missing, unexpected or mis-shaped tensors, naming them (`subject` and `hint` frame the message)."""
     found = {k: v for k, v in found.items() if not k.endswith(_IGNORED_SUFFIX)}
     if tied and "lm_head.weight" in found and "model.embed_tokens.weight" in expected:
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
@@ -186,12 +193,7 @@ def check_names(
     if shapes:
         problems.append(f"wrong shapes: {'; '.join(_abbrev(shapes))}")
     if problems:
-        raise CheckpointError(
-            f"{where}: the weights do not match config.json — "
-            + " | ".join(problems)
-            + ". Check that config.json belongs to these weights (a q/k/v bias or lm_head "
-            "dropped by a converter shows up here)."
-        )
+        raise CheckpointError(f"{where}: {subject} — " + " | ".join(problems) + f". {hint}.")
 
 
 def _abbrev(items: list[str], n: int = 8) -> list[str]:
@@ -235,13 +237,14 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 @torch.no_grad()
 def load_weights(parts: nn.Module | list[nn.Module], folder: str | os.PathLike) -> None:
     """Copy the weights of a Hugging Face folder into `parts` (a model or this rank's pipeline stages, plain or
-    sharded; parameters already materialised). Names and shapes are checked first against the whole model."""
+    sharded; parameters already materialised). Names and shapes are checked first against the whole model.
+    Parameters the plain model does not have (adapters swapped in from outside, qwen15.lora) are not read."""
     folder = model_folder(folder)
-    params = _parameters(parts)
     first = parts[0] if isinstance(parts, list | tuple) else parts
     with torch.device("meta"):
         whole = type(first)(first.config)  # the whole model's names and shapes, also for a pipeline stage
     expected = {n: tuple(p.shape) for n, p in _parameters(whole).items()}
+    params = {n: p for n, p in _parameters(parts).items() if n in expected}
     config = first.config
     entries = weight_entries(folder)
     check_names(expected, {k: e.shape for k, e in entries.items()}, config.tie_word_embeddings, str(folder))
@@ -441,7 +444,8 @@ def save_pretrained(
     if set(state) != set(expected):
         raise CheckpointError(
             f"cannot save to {path}: the model was prepared for inference (fused, quantized or packed weights "
-            "change its tensors); save a model loaded without prepare_for_inference"
+            "change its tensors) or holds LoRA adapters; save a model loaded without prepare_for_inference, and "
+            "merge adapters first (qwen15.merge_adapters) or save them alone (qwen15.save_adapter)"
         )
     dtype = next(iter(state.values())).dtype
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype)
