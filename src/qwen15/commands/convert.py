@@ -1,4 +1,5 @@
-"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder."""
+"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder;
+`--to peft`: the adapters of a LoRA run -> PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--to", choices=["hf"], default="hf", help="output format (Hugging Face folder)")
+    parser.add_argument(
+        "--to",
+        choices=["hf", "peft"],
+        default="hf",
+        help="output format: hf (Hugging Face model folder) or peft (the adapters of a LoRA run)",
+    )
     parser.add_argument(
         "checkpoint",
         help="a checkpoint folder (step-XXXXXXXX), or a run / checkpoints directory (its latest complete one)",
     )
-    parser.add_argument("out_dir", help="Hugging Face folder to write (config, safetensors, tokenizer files)")
+    parser.add_argument(
+        "out_dir", help="folder to write (hf: config, safetensors, tokenizer files; peft: adapter)"
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -26,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen15.train.export import export_hf
+    from qwen15.train.export import export_hf, export_peft
+
+    if args.to == "peft":
+        print(f"wrote {export_peft(args.checkpoint, args.out_dir, overwrite=args.overwrite)}")
+        return 0
 
     out = export_hf(
         args.checkpoint,

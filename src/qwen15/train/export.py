@@ -1,4 +1,5 @@
-"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads.
+"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads, or
+(a LoRA run) -> PEFT adapter folder.
 
 Weights are read one output shard at a time (DCP loads any subset of keys, resharding as it reads), so exporting
 needs memory for one shard, not for the model.
@@ -15,6 +16,8 @@ import torch.distributed.checkpoint as dcp
 
 from qwen15.errors import UserError
 from qwen15.hf_checkpoint import generation_config, hf_name, our_name, write_hf_folder
+from qwen15.lora.modules import LoRASpec, adapter_parameters, add_adapters
+from qwen15.lora.peft_format import write_adapter
 from qwen15.model import Qwen
 from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.train.dcp_checkpoint import read_trainer_state, resolve_checkpoint
@@ -53,6 +56,12 @@ def export_hf(
     ckpt = resolve_checkpoint(checkpoint)
     config = ModelConfig.from_json_file(ckpt / "config.json")
     state = read_trainer_state(ckpt)
+    if state.get("lora"):
+        raise ExportError(
+            f"{ckpt}: a LoRA checkpoint holds the adapters only. `qwen15 convert --to peft {checkpoint} OUT` "
+            "writes them in PEFT's format; `qwen15 lora merge --model BASE --adapter OUT --output MERGED` then "
+            "folds them into the base model"
+        )
     chat = bool(state.get("chat", False)) if chat is None else chat
     name = config.torch_dtype if dtype == "auto" else dtype
     if name not in DTYPES:
@@ -89,3 +98,27 @@ def export_hf(
         )
     except FileExistsError as e:
         raise ExportError(str(e)) from None
+
+
+def export_peft(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the adapters of a LoRA training checkpoint as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors, fp32), naming the run's model.path as the base model."""
+    ckpt = resolve_checkpoint(checkpoint)
+    state = read_trainer_state(ckpt)
+    lora = state.get("lora")
+    if not lora:
+        raise ExportError(
+            f"{ckpt}: this checkpoint is from full training and holds no adapters; export it with --to hf"
+        )
+    config = ModelConfig.from_json_file(ckpt / "config.json")
+    spec = LoRASpec(lora["r"], lora["alpha"], lora["dropout"], lora["rslora"], tuple(lora["target_modules"]))
+    with torch.device("meta"):
+        model = Qwen(config)
+        add_adapters(model, spec, init=False)
+    tensors = {k: torch.empty(p.shape, dtype=torch.float32) for k, p in adapter_parameters(model).items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": tensors}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+    return write_adapter(
+        out_dir, spec, tensors, base_model_name_or_path=lora.get("base"), overwrite=overwrite
+    )
