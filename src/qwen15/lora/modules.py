@@ -86,13 +86,7 @@ class LoRALinear(nn.Linear):
     """A frozen nn.Linear plus a trainable low-rank update (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_layer is not None:
-            y = self.base_layer(x)
-        else:
-            w, b = self.weight, self.bias
-            if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)  # a bf16 base under fp32 compute
-            y = F.linear(x, w, b)
+        y = self.base_layer(x) if self.base_layer is not None else F.linear(x, self.weight, self.bias)
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     @classmethod

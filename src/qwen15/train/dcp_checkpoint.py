@@ -173,8 +173,9 @@ class CheckpointManager:
             _load_rng(rng_file)
             trainer_state["rng_restored"] = True
         else:
-            # Another process count: there is no rank-to-rank mapping of random streams. Training draws no random
-            # numbers (no dropout), so a fresh seed per (step, rank) changes nothing in the result.
+            # Another process count: there is no rank-to-rank mapping of random streams. Full training draws no
+            # random numbers (no dropout), so a fresh seed per (step, rank) changes nothing in the result; LoRA
+            # dropout is reseeded by the trainer (per data-parallel rank).
             torch.manual_seed(trainer_state["step"] * 100_003 + self.env.rank)
             trainer_state["rng_restored"] = False
         return trainer_state

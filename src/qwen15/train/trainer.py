@@ -201,6 +201,8 @@ class Trainer:
 
         self.step = 0
         self.tokens_seen = 0
+        if self.lora is not None:
+            self._seed_dropout(0)
         self.checkpoints = CheckpointManager(
             cfg.checkpoint_dir, cfg.checkpoint.keep, env, trainable_only=self.lora is not None
         )
@@ -245,6 +247,11 @@ class Trainer:
             raise TrainConfigError(
                 "lora.base_dtype int8 runs in one process (the int8 base is not sharded); under torchrun use "
                 "bfloat16, which FSDP2 shards"
+            )
+        if lora.base_dtype == "bfloat16" and self.compute_dtype == torch.float32:
+            raise TrainConfigError(
+                "lora.base_dtype bfloat16 computes in bfloat16: set train.dtype bfloat16 (auto is bfloat16 on a "
+                "GPU), or lora.base_dtype auto for an fp32 base"
             )
         spec = lora.spec()
         add_adapters(model, spec, dtype=torch.float32)
@@ -373,6 +380,8 @@ class Trainer:
             raise DatasetError(f"{path}: {e}") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.lora is not None and not state["rng_restored"]:
+            self._seed_dropout(self.step)
         saved_layout = state.get("layout")
         if state["world_size"] != self.env.world_size or (
             saved_layout and saved_layout != self._layout_dict()
@@ -384,6 +393,11 @@ class Trainer:
                 f"the data order continues at row {self.sampler.position} of the global order"
             )
         return path
+
+    def _seed_dropout(self, step: int) -> None:
+        """The adapters' dropout masks: one random stream per data-parallel rank, the same on the tensor-parallel
+        ranks that share its rows (their replicated inputs must get the same mask), reproducible from the seed."""
+        torch.manual_seed(self.cfg.lora.init_seed + 1_000_003 * self.dp_rank + 100_003 * step)
 
     def _check_resume_lora(self, path: Path, saved: dict[str, Any] | None) -> None:
         """A LoRA run resumes only from a LoRA checkpoint with the same adapter shapes, and a full run only
