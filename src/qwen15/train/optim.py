@@ -29,9 +29,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for decay in (True, False):
         for distributed in kinds:
             params = groups.get((decay, distributed), [])
-            if (
-                params
-            ):  # no empty group: DCP's flattened optimizer state cannot hold one (LoRA has no vectors)
+            # No empty group: DCP's flattened optimizer state cannot hold one (a LoRA run has no vectors).
+            if params:
                 out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay})
     return out
 
