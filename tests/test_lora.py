@@ -326,3 +326,62 @@ def test_bad_lora_sections_name_the_key(tmp_path, changes, message):
 
     with pytest.raises(TrainConfigError, match=message):
         config(tmp_path / "data", tmp_path / "run", **changes)
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+
+
+@pytest.fixture
+def bpe_base(tmp_path):
+    """A tiny untied GQA base with its own small BPE tokenizer saved beside it, and a PEFT adapter on it."""
+    from qwen15 import Tokenizer
+    from qwen15.demo.bpe import train_bpe
+
+    texts = ["The quick brown fox jumps over 12 lazy dogs.", "What is 482 plus 317? 482 + 317 = 799."] * 50
+    tok = train_bpe(texts, 300)
+    cfg = SHAPES["untied-gqa"].replace(vocab_size=len(tok))  # no padding rows: every id decodes
+    base = tmp_path / "base"
+    random_hf_model(cfg, seed=6).save_pretrained(base)
+    tok.save_pretrained(base)
+    peft_model = random_peft_model(cfg, seed=6, target_modules=list(TARGETS), use_rslora=True)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return base, tmp_path / "adapter", peft_model, Tokenizer.from_pretrained(base)
+
+
+def test_generate_chat_and_eval_take_the_adapter(bpe_base, tmp_path, capsys):
+    """`--adapter`: generate's greedy text is PEFT's greedy continuation; eval ppl's perplexity is the one of
+    PEFT's logits; chat answers; a bad adapter stops before the model loads, with one line."""
+    import torch.nn.functional as F
+
+    from qwen15.cli import main
+
+    base, adapter, peft_model, tok = bpe_base
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(8):
+            seq.append(int(peft_model(torch.tensor([seq])).logits[0, -1].argmax()))
+    common = ["--model", str(base), "--adapter", str(adapter), "--device", "cpu", "--dtype", "fp32"]
+    assert main(["generate", *common, "--prompt", prompt, "--greedy", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == prompt + tok.decode(seq[len(ids) :])
+    assert "LoRA adapter" in captured.err and "r 4" in captured.err
+
+    text = tmp_path / "text.txt"
+    text.write_text("What is 482 plus 317? The quick brown fox jumps over 12 lazy dogs. " * 3)
+    assert main(["eval", "ppl", *common, "--data", str(text), "--seq-length", "512", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    token_ids = torch.tensor([tok.encode(text.read_text())])
+    with torch.no_grad():
+        logits = peft_model(token_ids).logits[0, :-1]
+    expected = math.exp(float(F.cross_entropy(logits, token_ids[0, 1:])))
+    assert f"perplexity: {expected:.4f}" in out
+
+    assert main(["chat", *common, "--predict-data", "What is 482 plus 317?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+    write_config(adapter, use_dora=True)
+    assert main(["generate", *common, "--prompt", prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen15 generate: error: ") and "use_dora" in err and "loaded " not in err

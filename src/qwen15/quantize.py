@@ -46,9 +46,9 @@ class Int8Linear(nn.Module):
         return cls(q, s, linear.bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The packed CPU kernel has no backward: training through a frozen int8 base (LoRA) takes the other path.
-        inference = not (x.requires_grad and torch.is_grad_enabled())
-        if inference and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
+        if x.requires_grad and torch.is_grad_enabled():  # a frozen int8 base under LoRA training
+            y = _Int8Matmul.apply(x, self.weight, self.scales)
+        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -57,6 +57,21 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """x @ (int8 weight * scale).T whose backward dequantizes the weight again instead of keeping a dequantized
+    copy from the forward (which would hold the whole model in the compute dtype until backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scales)
+        return F.linear(x, weight.to(x.dtype)) * scales
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scales = ctx.saved_tensors
+        return (grad * scales.to(grad.dtype)) @ weight.to(grad.dtype), None, None
 
 
 class Int8Embedding(nn.Module):
