@@ -182,11 +182,10 @@ def int8_curves(steps: int, tmp: Path) -> dict:
         settings.update({"train.dtype": "bfloat16", "lora.r": 16, "lora.alpha": 32, "lora.base_dtype": base})
         _train(settings, lambda m: None)
         curves[base] = [r["loss"] for r in read_metrics(tmp / base / "metrics.jsonl")]
-    from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.memory import estimate_lora_memory
-
     from qwen15.lora import LoRASpec
     from qwen15.model_config import get_preset
+    from qwen15.parallel.layout import ParallelLayout
+    from qwen15.parallel.memory import estimate_lora_memory
 
     for base in ("bfloat16", "int8"):
         est = estimate_lora_memory(
