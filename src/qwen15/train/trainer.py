@@ -224,9 +224,7 @@ class Trainer:
         self.peak = peak_tflops(self.device, cfg.metrics.peak_tflops)
         n = self.model_config.num_params()
         if self.lora is not None:
-            trained = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-            if self.layout.tp > 1 or self.dp_size > 1:
-                trained = sum(p.numel() for p in adapter_parameters(self.model).values())  # global shapes
+            trained = sum(p.numel() for p in adapter_parameters(self.model).values())  # global, also if split
             self.log(
                 f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.target_modules)}: "
                 f"{trained / 1e6:,.2f}M adapter parameters ({100 * trained / n:.2f}% of the model) train in "
