@@ -3,6 +3,7 @@
 from qwen15 import Qwen, Tokenizer, generate, prepare_for_inference
 model = prepare_for_inference(Qwen.from_pretrained("Qwen1.5-0.5B-Chat"))  # for generation
 tokenizer = Tokenizer.from_pretrained("Qwen1.5-0.5B-Chat")
+load_adapter(Qwen.from_pretrained(BASE), ADAPTER_DIR)  # a PEFT LoRA adapter, before prepare_for_inference
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ _LAZY = {
     "generate": "qwen15.generation",
     "stream_generate": "qwen15.generation",
     "prepare_for_inference": "qwen15.prepare",
+    "load_adapter": "qwen15.lora.peft_format",
+    "save_adapter": "qwen15.lora.peft_format",
+    "merge_adapters": "qwen15.lora.modules",
 }
 
 __all__ = list(_LAZY)

@@ -24,8 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qwen15.commands.train", "pretrain or finetune (one process or torchrun)"),
     "convert": (
         "qwen15.commands.convert",
-        "training checkpoints to Hugging Face folders; MindSpore .ckpt in and out",
+        "training checkpoints to Hugging Face folders (a LoRA run's adapters to PEFT's format); MindSpore .ckpt "
+        "in and out",
     ),
+    "lora": ("qwen15.commands.lora", "LoRA adapters (merge into the base model)"),
     "demo": (
         "qwen15.commands.demo",
         "the quickstart: pretrain, finetune, export and chat with a small model on CPU",

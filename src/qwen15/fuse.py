@@ -3,6 +3,7 @@
 One larger matrix product instead of three (or two) small ones is what a batch-1 decode step is short of; outputs
 equal the unfused model's up to the summation order of the matrix product. The swapped modules have other tensor
 names, so a fused model is for inference only (it refuses to be saved; load the checkpoint again for that).
+Projections with LoRA adapters fuse too: the adapters become one over the fused projection (qwen15.lora).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwen15.lora.modules import fuse_adapters
 from qwen15.model import MLP, Attention
 
 
 @torch.no_grad()
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of the given ones' outputs."""
+    """One nn.Linear whose output is the concatenation of the given ones' outputs (a LoRALinear when some of
+    them carry adapters)."""
     w = linears[0].weight
     has_bias = linears[0].bias is not None
     fused = nn.Linear(
@@ -24,7 +27,7 @@ def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     fused.weight.copy_(torch.cat([m.weight for m in linears]))
     if has_bias:
         fused.bias.copy_(torch.cat([m.bias for m in linears]))
-    return fused
+    return fuse_adapters(linears, fused)
 
 
 class FusedAttention(Attention):

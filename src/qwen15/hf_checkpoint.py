@@ -96,13 +96,14 @@ def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
 @torch.no_grad()
 def load_weights(parts: nn.Module | list[nn.Module], folder: str | os.PathLike) -> None:
     """Copy the weights of a Hugging Face folder into `parts` (a model or this rank's pipeline stages, plain or
-    sharded; parameters already materialised). Names and shapes are checked first against the whole model."""
+    sharded; parameters already materialised). Names and shapes are checked first against the whole model.
+    Parameters the plain model does not have (adapters swapped in from outside, qwen15.lora) are not read."""
     folder = model_folder(folder)
-    params = _parameters(parts)
     first = parts[0] if isinstance(parts, list | tuple) else parts
     with torch.device("meta"):
         whole = type(first)(first.config)  # the whole model's names and shapes, also for a pipeline stage
     expected = {n: tuple(p.shape) for n, p in _parameters(whole).items()}
+    params = {n: p for n, p in _parameters(parts).items() if n in expected}
     config = first.config
     entries = weight_entries(folder)
     check_names(expected, {k: e.shape for k, e in entries.items()}, config.tie_word_embeddings, str(folder))
@@ -243,7 +244,8 @@ def save_pretrained(
     if set(state) != set(expected):
         raise CheckpointError(
             f"cannot save to {path}: the model was prepared for inference (fused, quantized or packed weights "
-            "change its tensors); save a model loaded without prepare_for_inference"
+            "change its tensors) or holds LoRA adapters; save a model loaded without prepare_for_inference, and "
+            "merge adapters first (qwen15.merge_adapters) or save them alone (qwen15.save_adapter)"
         )
     dtype = next(iter(state.values())).dtype
     config = model.config.replace(torch_dtype=DTYPE_NAMES.get(dtype, model.config.torch_dtype))

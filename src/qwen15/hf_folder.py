@@ -175,9 +175,17 @@ def read_generation_config(folder: Path) -> dict[str, Any] | None:
 
 
 def check_names(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool, where: str
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    tied: bool,
+    where: str,
+    *,
+    subject: str = "the weights do not match config.json",
+    hint: str = "Check that config.json belongs to these weights (a q/k/v bias or lm_head dropped by a "
+    "converter shows up here)",
 ) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming them (a tied model accepts a redundant lm_head)."""
+    """Refuse missing, unexpected or mis-shaped tensors, naming them (a tied model accepts a redundant lm_head;
+    `subject` and `hint` frame the message)."""
     found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
     if tied and "lm_head.weight" in found and "model.embed_tokens.weight" in expected:
         expected = dict(expected, **{"lm_head.weight": expected["model.embed_tokens.weight"]})
@@ -196,12 +204,7 @@ def check_names(
     if shapes:
         problems.append(f"wrong shapes: {'; '.join(_abbrev(shapes))}")
     if problems:
-        raise CheckpointError(
-            f"{where}: the weights do not match config.json — "
-            + " | ".join(problems)
-            + ". Check that config.json belongs to these weights (a q/k/v bias or lm_head "
-            "dropped by a converter shows up here)."
-        )
+        raise CheckpointError(f"{where}: {subject} — " + " | ".join(problems) + f". {hint}.")
 
 
 def _abbrev(items: list[str], n: int = 8) -> list[str]:

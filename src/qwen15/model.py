@@ -329,8 +329,10 @@ class Qwen(nn.Module):
         tokenizer=None,
         max_shard_size: int | str = "5GB",
         generation_config: dict | None = None,
+        overwrite: bool = True,
     ) -> None:
-        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.hf_checkpoint."""
+        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.hf_checkpoint (an existing
+        folder is replaced only when qwen15 wrote it)."""
         from qwen15.hf_checkpoint import save_pretrained
 
         save_pretrained(
@@ -339,6 +341,7 @@ class Qwen(nn.Module):
             tokenizer=tokenizer,
             max_shard_size=max_shard_size,
             generation_config=generation_config,
+            overwrite=overwrite,
         )
 
     def num_params(self) -> int:

@@ -46,7 +46,9 @@ class Int8Linear(nn.Module):
         return cls(q, s, linear.bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
+        if x.requires_grad and torch.is_grad_enabled():  # a frozen int8 base under LoRA training
+            y = _Int8Matmul.apply(x, self.weight, self.scales)
+        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -55,6 +57,21 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """x @ (int8 weight * scale).T whose backward dequantizes the weight again instead of keeping a dequantized
+    copy from the forward (which would hold the whole model in the compute dtype until backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scales)
+        return F.linear(x, weight.to(x.dtype)) * scales
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scales = ctx.saved_tensors
+        return (grad * scales.to(grad.dtype)) @ weight.to(grad.dtype), None, None
 
 
 class Int8Embedding(nn.Module):
@@ -85,20 +102,26 @@ class Int8Embedding(nn.Module):
         return out
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize a Qwen model's matrices and embedding to int8 weight-only, in place; returns the model."""
+def quantize_int8(model: nn.Module, *, embeddings: bool = True) -> nn.Module:
+    """Quantize a Qwen model's matrices and embedding to int8 weight-only, in place; returns the model.
+    embeddings=False: the block projections only (the embedding and output layer stay, as QLoRA keeps them)."""
     for block in model.layers.values():
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
+                if hasattr(child, "replace_base"):  # LoRA: the frozen base goes int8, the adapter stays
+                    child.replace_base(Int8Linear.from_linear)
+                elif isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear.from_linear(child))
-    tied = model.config.tie_word_embeddings and model.lm_head is not None and model.embed_tokens is not None
-    if model.embed_tokens is not None and isinstance(model.embed_tokens, nn.Embedding):
-        model.embed_tokens = Int8Embedding.from_embedding(model.embed_tokens)
-    if tied and isinstance(model.embed_tokens, Int8Embedding):
-        model.lm_head = model.embed_tokens.as_linear()
-    elif isinstance(model.lm_head, nn.Linear):
-        model.lm_head = Int8Linear.from_linear(model.lm_head)
+    if embeddings:
+        tied = (
+            model.config.tie_word_embeddings and model.lm_head is not None and model.embed_tokens is not None
+        )
+        if model.embed_tokens is not None and isinstance(model.embed_tokens, nn.Embedding):
+            model.embed_tokens = Int8Embedding.from_embedding(model.embed_tokens)
+        if tied and isinstance(model.embed_tokens, Int8Embedding):
+            model.lm_head = model.embed_tokens.as_linear()
+        elif isinstance(model.lm_head, nn.Linear):
+            model.lm_head = Int8Linear.from_linear(model.lm_head)
     model.quantization = "int8"
     return model
 
@@ -137,7 +160,9 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     for block in model.layers.values():
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
+                if hasattr(child, "replace_base"):  # LoRA: the frozen base is packed, the adapter stays
+                    child.replace_base(PackedLinear)
+                elif isinstance(child, nn.Linear):
                     setattr(parent, name, PackedLinear(child))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head)

@@ -1,4 +1,5 @@
-"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder.
+"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder;
+`--to peft`: the adapters of a LoRA run -> PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 `--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints
 (docs/migrate.md)."""
 
@@ -10,9 +11,10 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--to",
-        choices=["hf", "mindspore"],
+        choices=["hf", "peft", "mindspore"],
         default="hf",
-        help="output format (default hf: Hugging Face folder)",
+        help="output format: hf (Hugging Face model folder, the default), peft (the adapters of a LoRA run) or "
+        "mindspore (a MindFormers .ckpt)",
     )
     parser.add_argument(
         "--from",
@@ -27,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with --from mindspore a .ckpt file or a folder of rank_N/ folders; with --to mindspore a Hugging Face "
         "folder",
     )
-    parser.add_argument("out_dir", help="folder to write (config, safetensors, tokenizer files), or OUT.ckpt")
+    parser.add_argument(
+        "out_dir",
+        help="folder to write (hf: config, safetensors, tokenizer files; peft: adapter), or OUT.ckpt",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -82,6 +87,10 @@ def _check_options(args: argparse.Namespace) -> None:
         if getattr(args, name) not in (None, False) and direction not in allowed:
             where = " or ".join(f"--{d} mindspore" for d in allowed)
             raise UserError(f"--{name.replace('_', '-')} applies to {where} only")
+    if args.source == "mindspore" and args.to == "peft":
+        raise UserError(
+            "--from mindspore --to peft: convert the base weights with --to hf (--skip-lora drops the adapters)"
+        )
     if direction == "to" and args.chat is not None:
         raise UserError("--chat/--base do not apply to --to mindspore (a .ckpt holds weights only)")
 
@@ -92,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
         return _mindspore(args)
     import sys
 
-    from qwen15.train.export import export_hf
+    from qwen15.train.export import export_hf, export_peft
+
+    if args.to == "peft":
+        warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        print(f"wrote {export_peft(args.checkpoint, args.out_dir, overwrite=args.overwrite, warn=warn)}")
+        return 0
 
     out = export_hf(
         args.checkpoint,

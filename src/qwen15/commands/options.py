@@ -77,6 +77,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", required=True, metavar="DIR", help="a local Hugging Face folder (config.json, weights)"
     )
+    g.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors) to apply "
+        "to the model",
+    )
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model folder)")
     g.add_argument(
         "--device",
@@ -172,6 +178,11 @@ def _load_tensor_parallel(args: argparse.Namespace, device: str, dtype):
         raise UserError(
             "--quantize int8 does not combine with tensor parallel (torchrun); use one or the other"
         )
+    if getattr(args, "adapter", None):
+        raise UserError(
+            "--adapter does not combine with tensor parallel (torchrun): merge it into the model first "
+            "(qwen15 lora merge --model BASE --adapter DIR --output MERGED) and load MERGED"
+        )
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     mesh = init_inference_mesh(device_type)
     # Leave together: a rank whose peers already closed their connections aborts in gloo's teardown. (If a rank
@@ -192,9 +203,10 @@ def _load_tensor_parallel(args: argparse.Namespace, device: str, dtype):
 
 
 def load_model(args: argparse.Namespace, *, prepare: bool = True):
-    """(model, tokenizer) from --model/--tokenizer/--device/--dtype/--quantize, with a note on stderr. Under
-    torchrun with several processes the model is split across them (tensor parallel); otherwise it is prepared
-    for generation (qwen15.prepare_for_inference) unless `prepare` is False."""
+    """(model, tokenizer) from --model/--adapter/--tokenizer/--device/--dtype/--quantize, with a note on stderr.
+    Under torchrun with several processes the model is split across them (tensor parallel); otherwise the LoRA
+    adapter, when given, is applied (unmerged) and the model prepared for generation
+    (qwen15.prepare_for_inference) unless `prepare` is False."""
     import time
 
     import torch
@@ -220,10 +232,19 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
     if tensor_parallel_world() > 1:
         model, note = _load_tensor_parallel(args, device, dtype)
     else:
+        adapter = getattr(args, "adapter", None)
+        if adapter:
+            from qwen15.lora import load_adapter, read_adapter
+
+            read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
         model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
         note = "plain"
+        if adapter:
+            spec = load_adapter(model, adapter).lora_spec
+            note = f"LoRA adapter {adapter} (r {spec.r}, {', '.join(spec.target_modules)})"
         if prepare:
-            note = prepare_for_inference(model, args.quantize).inference_format
+            done = prepare_for_inference(model, args.quantize).inference_format
+            note = done if note == "plain" else f"{note}, {done}"
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     check_fit(args, model, tokenizer)
     print(

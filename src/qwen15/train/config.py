@@ -1,6 +1,6 @@
 """Training configuration: typed sections read from a YAML recipe, `--section.key value` overrides, validation.
 
-A recipe is a YAML mapping of sections (model, data, train, optim, parallel, checkpoint, metrics, generation); each
+A recipe is a YAML mapping of sections (model, data, train, optim, lora, parallel, checkpoint, metrics, generation); each
 section is a dataclass below, so the set of keys, their types and their defaults are read from one place. Unknown
 keys and values of the wrong type are errors that name the key, and the file and line it came from.
 """
@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from qwen15.errors import UserError
+from qwen15.lora.modules import TARGETS, LoRAError, LoRASpec
 from qwen15.model_config import CHAT_SAMPLING, SHAPE_KEYS, ModelConfig
 from qwen15.parallel.layout import ParallelLayout
 from qwen15.paths import utf8_error
@@ -83,6 +84,28 @@ class OptimSection:
 
 
 @dataclass
+class LoRASection:
+    """LoRA adapters instead of full finetuning (qwen15.lora): set `r` to train only the adapters."""
+
+    r: int | None = None  # adapter rank; null: no adapters (every weight trains)
+    alpha: float = 16.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # on each adapter's input, in training
+    rslora: bool = False
+    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
+    # The frozen base weights: auto = the compute dtype (train.dtype); int8 = weight-only int8 (one process).
+    base_dtype: Literal["auto", "bfloat16", "float32", "int8"] = "auto"
+    init_seed: int = 0  # draws the A matrices (the same adapters for any layout)
+    export: bool = True  # write <run_dir>/adapter (PEFT format) from the last checkpoint at the end
+
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
+
+    def spec(self) -> LoRASpec:
+        return LoRASpec(self.r, self.alpha, self.dropout, self.rslora, tuple(self.target_modules))
+
+
+@dataclass
 class CheckpointSection:
     dir: str | None = None  # default: <run_dir>/checkpoints (must be shared by all nodes)
     every: int = 0  # save every N steps (0: only at the end)
@@ -117,6 +140,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -207,6 +231,7 @@ class TrainConfig:
             )
         if self.data.path is None:
             raise bad("data.path", "data.path is required: a dataset folder from `qwen15 data preprocess`")
+        self._validate_lora()
         if t.mode == "finetune" and m.path is None:
             raise bad("train.mode", "train.mode finetune needs model.path: a Hugging Face model folder")
         sources = [k for k in ("preset", "path", "config") if getattr(m, k) is not None]
@@ -226,6 +251,26 @@ class TrainConfig:
         ):
             if not ok:
                 raise bad(key, f"{key} is out of range, got {getattr(g, key.partition('.')[2])}")
+
+    def _validate_lora(self) -> None:
+        lora = self.lora
+        if not lora.enabled:
+            changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != f.default]
+            changed = [k for k in changed if k != "target_modules" or lora.target_modules != list(TARGETS)]
+            if changed:
+                raise TrainConfigError(
+                    f"lora.{changed[0]} is set but lora.r is not: set lora.r (the adapter rank) to train "
+                    "adapters, or remove the lora section for full finetuning"
+                )
+            return
+        try:
+            lora.spec().validate("lora")
+        except LoRAError as e:
+            raise TrainConfigError(str(e)) from None
+        if self.parallel.pp > 1:
+            raise TrainConfigError(
+                "lora: adapters train with parallel.dp_shard, dp_replicate and tp; parallel.pp must be 1"
+            )
 
 
 SECTIONS: dict[str, type] = {

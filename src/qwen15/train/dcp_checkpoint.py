@@ -4,6 +4,8 @@ One checkpoint is a folder `step-XXXXXXXX/` under the checkpoint directory (shar
   state/                 DCP files: model and optimizer, saved shard by shard by every rank, with global shapes
                          and full-model names (the optimizer state flattened per parameter name), so they load
                          into any number of processes and any layout: FSDP2, TP, pipeline stages (DCP reshards)
+                         (a LoRA run saves only the trainable adapters and their optimizer state: the frozen base
+                         is read again from model.path)
   rng/rank-NNNNN.safetensors   each rank's RNG states
   trainer_state.json     step, data position (RowSampler), tokens seen, layout, chat flag, generation settings
   train_config.yaml      the resolved recipe
@@ -197,10 +199,11 @@ def _manifest(folder: Path) -> dict[str, int]:
 
 
 class CheckpointManager:
-    def __init__(self, folder: str | Path, keep: int, env: DistEnv):
+    def __init__(self, folder: str | Path, keep: int, env: DistEnv, trainable_only: bool = False):
         self.folder = Path(folder)
         self.keep = keep
         self.env = env
+        self.trainable_only = trainable_only  # frozen parameters (a LoRA base) are not saved
 
     def latest(self) -> Path | None:
         found = complete_checkpoints(self.folder)
@@ -238,7 +241,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         barrier()
-        state, _ = _state_dicts(model, optimizer)
+        state, _ = _state_dicts(model, optimizer, self.trainable_only)
         dcp.save(state, checkpoint_id=str(tmp / "state"))
         if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # weights written, the rest not: a crash mid-save
@@ -274,17 +277,16 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Model, optimizer and this rank's RNG from `checkpoint` (saved by any number of processes, under any
         layout). `layout`: this run's layout, to restore the RNG only where rank i is the same role as before."""
-        state, parts = _state_dicts(model, optimizer)
+        state, parts = _state_dicts(model, optimizer, self.trainable_only)
         try:
             dcp.load(state, checkpoint_id=str(checkpoint / "state"))
         except Exception as e:  # damage the size check cannot see (same size, other bytes)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DamagedCheckpoint(f"{checkpoint}: the weights cannot be read ({first[:300]})") from e
+        options = _TRAINABLE_OPTIONS if self.trainable_only else _OPTIONS
         for module, opt, model_keys, optim_keys in parts:
-            set_model_state_dict(module, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
-            set_optimizer_state_dict(
-                module, opt, {k: state["optim"][k] for k in optim_keys}, options=_OPTIONS
-            )
+            set_model_state_dict(module, {k: state["model"][k] for k in model_keys}, options=options)
+            set_optimizer_state_dict(module, opt, {k: state["optim"][k] for k in optim_keys}, options=options)
         trainer_state = read_trainer_state(checkpoint)
         rng_file = checkpoint / "rng" / f"rank-{self.env.rank:05d}.safetensors"
         same_layout = layout is None or trainer_state.get("layout", layout) == layout
@@ -292,8 +294,9 @@ class CheckpointManager:
             _load_rng(rng_file)
             trainer_state["rng_restored"] = True
         else:
-            # Another process count: there is no rank-to-rank mapping of random streams. Training draws no random
-            # numbers (no dropout), so a fresh seed per (step, rank) changes nothing in the result.
+            # Another process count: there is no rank-to-rank mapping of random streams. Full training draws no
+            # random numbers (no dropout), so a fresh seed per (step, rank) changes nothing in the result; LoRA
+            # dropout is reseeded by the trainer (per data-parallel rank).
             torch.manual_seed(trainer_state["step"] * 100_003 + self.env.rank)
             trainer_state["rng_restored"] = False
         return trainer_state
@@ -303,18 +306,26 @@ class CheckpointManager:
 # one optimizer: pipeline stages hold different parameters and one optimizer each, and a checkpoint must load
 # into any split of the model.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_TRAINABLE_OPTIONS = StateDictOptions(
+    flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False
+)
 
 
-def _state_dicts(model, optimizer) -> tuple[dict[str, dict], list]:
+def _state_dicts(model, optimizer, trainable_only: bool = False) -> tuple[dict[str, dict], list]:
     """{"model": ..., "optim": ...} over all of this rank's model parts (whole model or pipeline stages), and per
-    part (module, optimizer, its model keys, its optimizer keys) to hand the loaded values back."""
+    part (module, optimizer, its model keys, its optimizer keys) to hand the loaded values back. trainable_only:
+    the parameters that train (no frozen ones, no buffers such as an int8 base's)."""
     models = list(model) if isinstance(model, list | tuple) else [model]
     optimizers = list(optimizer) if isinstance(optimizer, list | tuple) else [optimizer]
     state: dict[str, dict] = {"model": {}, "optim": {}}
     parts = []
+    options = _TRAINABLE_OPTIONS if trainable_only else _OPTIONS
     for module, opt in zip(models, optimizers, strict=True):
-        m = get_model_state_dict(module, options=_OPTIONS)
-        o = get_optimizer_state_dict(module, opt, options=_OPTIONS)
+        m = get_model_state_dict(module, options=options)
+        if trainable_only:
+            trained = {name for name, p in module.named_parameters() if p.requires_grad}
+            m = {k: v for k, v in m.items() if k in trained}
+        o = get_optimizer_state_dict(module, opt, options=options)
         state["model"].update(m)
         state["optim"].update(o)
         parts.append((module, opt, list(m), list(o)))

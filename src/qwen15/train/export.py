@@ -1,4 +1,5 @@
-"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads.
+"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads, or
+(a LoRA run) -> PEFT adapter folder.
 
 Weights are read one output shard at a time (DCP loads any subset of keys, resharding as it reads), so exporting
 needs memory for one shard, not for the model.
@@ -26,6 +27,8 @@ from qwen15.hf_folder import (
     saved_special_ids,
     write_hf_folder,
 )
+from qwen15.lora.modules import LoRASpec, adapter_parameters, add_adapters
+from qwen15.lora.peft_format import write_adapter
 from qwen15.model import Qwen
 from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.train.dcp_checkpoint import DamagedCheckpoint, read_trainer_state, resolve_checkpoint
@@ -64,6 +67,12 @@ def export_hf(
     ckpt = resolve_checkpoint(checkpoint, warn)
     config = ModelConfig.from_json_file(ckpt / "config.json")
     state = read_trainer_state(ckpt)
+    if state.get("lora"):
+        raise ExportError(
+            f"{ckpt}: a LoRA checkpoint holds the adapters only. `qwen15 convert --to peft {checkpoint} OUT` "
+            "writes them in PEFT's format; `qwen15 lora merge --model BASE --adapter OUT --output MERGED` then "
+            "folds them into the base model"
+        )
     chat = bool(state.get("chat", False)) if chat is None else chat
     dtype_name = config.torch_dtype if dtype == "auto" else dtype
     if dtype_name not in DTYPES:
@@ -104,4 +113,32 @@ def export_hf(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         inputs=[ckpt],
+    )
+
+
+def export_peft(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, warn=None) -> Path:
+    """Write the adapters of a LoRA training checkpoint as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors, fp32), naming the run's model.path as the base model."""
+    ckpt = resolve_checkpoint(checkpoint, warn)
+    state = read_trainer_state(ckpt)
+    lora = state.get("lora")
+    if not lora:
+        raise ExportError(
+            f"{ckpt}: this checkpoint is from full training and holds no adapters; export it with --to hf"
+        )
+    config = ModelConfig.from_json_file(ckpt / "config.json")
+    spec = LoRASpec(lora["r"], lora["alpha"], lora["dropout"], lora["rslora"], tuple(lora["target_modules"]))
+    with torch.device("meta"):
+        model = Qwen(config)
+        add_adapters(model, spec, init=False)
+    tensors = {k: torch.empty(p.shape, dtype=torch.float32) for k, p in adapter_parameters(model).items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load({"model": tensors}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+        except Exception as e:  # damage the size check cannot see (same size, other bytes)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DamagedCheckpoint(f"{ckpt}: the adapters cannot be read ({first[:300]})") from e
+    return write_adapter(
+        out_dir, spec, tensors, base_model_name_or_path=lora.get("base"), overwrite=overwrite, inputs=[ckpt]
     )

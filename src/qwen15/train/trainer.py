@@ -24,11 +24,13 @@ from qwen15.atomic import atomic_write_text
 from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
 from qwen15.errors import UserError
 from qwen15.hf_checkpoint import load_weights
+from qwen15.lora.modules import adapter_parameters, add_adapters, init_adapters
 from qwen15.model import Qwen
 from qwen15.model_config import IM_END_ID, SHAPE_KEYS, ModelConfig, get_preset
 from qwen15.parallel import process_group as D
 from qwen15.parallel.layout import ParallelLayout, build_mesh
 from qwen15.parallel.parallelize import parallelize, uses_autocast
+from qwen15.quantize import quantize_int8
 from qwen15.train.config import TrainConfig, TrainConfigError
 from qwen15.train.dcp_checkpoint import (
     CheckpointManager,
@@ -186,6 +188,7 @@ class Trainer:
 
         with torch.device("meta"):
             model = Qwen(self.model_config)
+        self.lora = self._add_adapters(model) if cfg.lora.enabled else None
         if self.layout.pp > 1:
             from qwen15.parallel.pipeline import stage_modules
 
@@ -209,6 +212,10 @@ class Trainer:
             load_weights(parts, cfg.model.path)
         else:
             init_weights(parts, cfg.model.init_seed)
+        if self.lora is not None:
+            init_adapters(parts, cfg.lora.init_seed)
+            if cfg.lora.base_dtype == "int8":
+                quantize_int8(model, embeddings=False)  # the frozen projections; LoRALinears keep adapters
         for part in parts:
             part.train()
         self.parts = parts
@@ -221,7 +228,11 @@ class Trainer:
         self.tokenizer_dir = self._save_tokenizer(tokenizer)
         self.step = 0
         self.tokens_seen = 0
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env)
+        if self.lora is not None:
+            self._seed_dropout(0)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_dir, cfg.checkpoint.keep, env, trainable_only=self.lora is not None
+        )
         self.checkpoints.remove_partial()
         self.resumed_from = self._resume()
         if env.is_main:
@@ -234,9 +245,18 @@ class Trainer:
             resume_step=self.step,
             echo=self._echo,
         )
-        self.flops_per_token = flops_per_token(self.model_config, self.seq_length)
+        self.flops_per_token = flops_per_token(
+            self.model_config, self.seq_length, weight_gradients=self.lora is None
+        )
         self.peak = peak_tflops(self.device, cfg.metrics.peak_tflops)
         n = self.model_config.num_params()
+        if self.lora is not None:
+            trained = sum(p.numel() for p in adapter_parameters(self.model).values())  # global, also if split
+            self.log(
+                f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.target_modules)}: "
+                f"{trained / 1e6:,.2f}M adapter parameters ({100 * trained / n:.2f}% of the model) train in "
+                f"fp32; the base stays frozen in {self.base_dtype_name}"
+            )
         self.log(
             f"{cfg.train.mode}: {n / 1e6:,.1f}M parameters, {env.world_size} process(es) on {self.device.type} "
             f"({describe_layout(self.layout)}), {str(self.compute_dtype).removeprefix('torch.')} compute; "
@@ -277,6 +297,32 @@ class Trainer:
             cls, message = error
             raise (cls if issubclass(cls, UserError) else TrainConfigError)(message)
         return locks
+
+    def _add_adapters(self, model: nn.Module):
+        """Adapters on the meta model, before any split (so tensor parallel and FSDP2 shard them with their
+        projection); the base is frozen in lora.base_dtype (no fp32 master copy, gradients or optimizer state)."""
+        lora = self.cfg.lora
+        if lora.base_dtype == "int8" and self.env.world_size > 1:
+            raise TrainConfigError(
+                "lora.base_dtype int8 runs in one process (the int8 base is not sharded); under torchrun use "
+                "bfloat16, which FSDP2 shards"
+            )
+        if lora.base_dtype == "bfloat16" and self.compute_dtype == torch.float32:
+            raise TrainConfigError(
+                "lora.base_dtype bfloat16 computes in bfloat16: set train.dtype bfloat16 (auto is bfloat16 on a "
+                "GPU), or lora.base_dtype auto for an fp32 base"
+            )
+        spec = lora.spec()
+        add_adapters(model, spec, dtype=torch.float32)
+        dtype = {"auto": self.compute_dtype, "int8": self.compute_dtype, "bfloat16": torch.bfloat16}.get(
+            lora.base_dtype, torch.float32
+        )
+        self.base_dtype_name = "int8" if lora.base_dtype == "int8" else str(dtype).removeprefix("torch.")
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)  # in place of the data: tied parameters stay one
+        return spec
 
     def _layout(self) -> ParallelLayout:
         """The `parallel` section as a layout checked against this launch and the model (errors name the key)."""
@@ -422,6 +468,7 @@ class Trainer:
                 f"{path}: the checkpoint's model differs from this run's in {', '.join(diff)}; resume with the "
                 "same model, or start a new run directory (--train.run_dir) / --checkpoint.resume never"
             )
+        self._check_resume_lora(path, read_trainer_state(path).get("lora"))
         self.log(f"resuming from {path}")
         state = self.checkpoints.load(path, self.parts, self.optimizers, layout=self._layout_dict())
         for optimizer in self.optimizers:  # this run's settings, not the checkpoint's
@@ -434,6 +481,8 @@ class Trainer:
             raise DatasetError(f"{path}: {e}") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.lora is not None and not state["rng_restored"]:
+            self._seed_dropout(self.step)
         saved_layout = state.get("layout")
         if state["world_size"] != self.env.world_size or (
             saved_layout and saved_layout != self._layout_dict()
@@ -460,6 +509,38 @@ class Trainer:
                 "picks them up. Delete that folder when you no longer need it."
             )
         D.barrier()
+
+    def _seed_dropout(self, step: int) -> None:
+        """The adapters' dropout masks: one random stream per data-parallel rank, the same on the tensor-parallel
+        ranks that share its rows (their replicated inputs must get the same mask), reproducible from the seed."""
+        torch.manual_seed(self.cfg.lora.init_seed + 1_000_003 * self.dp_rank + 100_003 * step)
+
+    def _check_resume_lora(self, path: Path, saved: dict[str, Any] | None) -> None:
+        """A LoRA run resumes only from a LoRA checkpoint with the same adapter shapes, and a full run only
+        from a full checkpoint (each holds what the other lacks)."""
+        where = "start a new run directory (--train.run_dir) or set --checkpoint.resume never"
+        current = self._lora_state()
+        if saved is None and current is not None:
+            raise TrainConfigError(
+                f"{path}: a full-training checkpoint cannot resume a LoRA run (lora.r is set); {where}"
+            )
+        if saved is not None and current is None:
+            raise TrainConfigError(
+                f"{path}: a LoRA checkpoint (adapters only) cannot resume full training; set the lora section as "
+                f"it was (r {saved['r']}) or {where}"
+            )
+        if saved is not None:
+            for key in ("r", "target_modules"):
+                if saved[key] != current[key]:
+                    raise TrainConfigError(
+                        f"{path}: the checkpoint's adapters have lora.{key} {saved[key]}, this run {current[key]}; "
+                        f"resume with the same adapters, or {where}"
+                    )
+            if saved.get("base") != current["base"]:
+                self.log(
+                    f"note: the checkpoint's adapters were trained on {saved.get('base')}, this run loads the "
+                    f"base from {current['base']}"
+                )
 
     # ------------------------------------------------------------------ one step
 
@@ -567,10 +648,26 @@ class Trainer:
             "chat": self.chat,
             "generation": self._generation_settings(),
             "lineage": self.lineage,
+            "lora": self._lora_state(),
         }
         return self.checkpoints.save(
             self.step, self.parts, self.optimizers, state, self._write_checkpoint_files
         )
+
+    def _lora_state(self) -> dict[str, Any] | None:
+        """What `qwen15 convert --to peft` and a resume need to know of the adapters (None: full training)."""
+        if self.lora is None:
+            return None
+        spec = self.lora
+        return {
+            "r": spec.r,
+            "alpha": spec.alpha,
+            "dropout": spec.dropout,
+            "rslora": spec.rslora,
+            "target_modules": list(spec.target_modules),
+            "base_dtype": self.cfg.lora.base_dtype,
+            "base": self.cfg.model.path,
+        }
 
     def _layout_dict(self) -> dict[str, Any]:
         return self.layout.split()
@@ -660,6 +757,11 @@ class Trainer:
                 self.log(f"loss curve: {png}")
         if result.last_checkpoint is not None:
             self.log(f"checkpoint: {result.last_checkpoint}")
+            if self.lora is not None and cfg.lora.export and self.env.is_main:
+                from qwen15.train.export import export_peft
+
+                adapter = export_peft(result.last_checkpoint, cfg.run_dir / "adapter", overwrite=True)
+                self.log(f"adapter (PEFT format): {adapter}")
         return result
 
     def close(self) -> None:
