@@ -45,15 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _session(args: argparse.Namespace, model, tokenizer):
     from qwen15.chat import ChatSession
     from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
-    from qwen15.generation import sampling_defaults
+    from qwen15.generation import chat_sampling_defaults, sampling_defaults
     from qwen15.sampling import SamplingParams
 
     base = sampling_defaults(getattr(model, "generation_config", None))
-    if args.temperature is None and getattr(model, "generation_config", None) is None:
-        # no generation_config.json: chat samples with Qwen1.5-Chat's recommended values
-        from qwen15.model_config import CHAT_SAMPLING
-
-        base = SamplingParams(**CHAT_SAMPLING)
+    if args.temperature is None:  # no generation_config.json: Qwen1.5-Chat's recommended values
+        base = chat_sampling_defaults(getattr(model, "generation_config", None))
     temperature = 0.0 if args.greedy else args.temperature
     sampling = SamplingParams(
         temperature=base.temperature if temperature is None else temperature,
