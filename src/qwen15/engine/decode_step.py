@@ -41,9 +41,11 @@ def bucket(n: int, buckets: tuple[int, ...], limit: int) -> int:
 
 
 class DecodeStep:
-    def __init__(self, model, cache: SlotCache, *, static: bool, graphs: bool):
+    def __init__(self, model, cache: SlotCache, *, static: bool, graphs: bool, compile: bool = True):
+        """static: fixed shapes per bucket; graphs: capture them (CUDA); compile: torch.compile the static step
+        where it is not captured (off: the static step runs eagerly, to test its buckets quickly)."""
         self.model, self.cache = model, cache
-        self.static, self.graphs = static, graphs
+        self.static, self.graphs, self.compile = static, graphs, compile
         self.device = next(model.parameters()).device
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
@@ -73,7 +75,7 @@ class DecodeStep:
             self._fill(tok, pos, cpos, mask, rows, tokens, positions)
             tok, pos, cpos, mask = (t.to(self.device) for t in (tok, pos, cpos, mask))
             logits = decode_forward(self.model, self.cache.rows(batch), tok, pos, cpos, mask)
-            return logits[torch.tensor(rows, device=self.device)] if len(rows) < batch else logits
+            return logits if rows == list(range(batch)) else logits[torch.tensor(rows, device=self.device)]
         batch = bucket(span, BATCH_BUCKETS, self.cache.num_slots)
         length = min(-(-key_len // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
         tok = torch.zeros(batch, 1, dtype=torch.long)
@@ -111,7 +113,8 @@ class DecodeStep:
     def _run_static(self, batch: int, length: int) -> torch.Tensor:
         if not self.graphs:
             if self._compiled is None:
-                self._compiled = torch.compile(decode_forward, fullgraph=True, dynamic=False)
+                compiled = torch.compile(decode_forward, fullgraph=True, dynamic=False)
+                self._compiled = compiled if self.compile else decode_forward
             return self._compiled(self.model, *self._args(batch, length))
         key = (batch, length)
         if key not in self._graphs:

@@ -73,13 +73,14 @@ class Engine:
         max_queue: int | None = None,
         prefix_reuse: bool = True,
         static: bool | None = None,
+        compile_static: bool = True,
         valid_vocab: int | None = None,
         step_log: int = 10_000,
         step_log_path: str | None = None,
     ):
         """num_slots sequences run at once, each up to max_len tokens (prompt and output); static: the decode
-        step in fixed shapes (default on CUDA: CUDA graphs; on CPU it runs under torch.compile); valid_vocab: ids
-        from here on (embedding padding rows) are never sampled."""
+        step in fixed shapes (default on CUDA: CUDA graphs; on CPU under torch.compile, or eagerly with
+        compile_static False); valid_vocab: ids from here on (embedding padding rows) are never sampled."""
         self.model = model.eval()
         self.device = next(model.parameters()).device
         cfg = model.config
@@ -90,8 +91,9 @@ class Engine:
         self.cache = SlotCache(cfg.num_hidden_layers, num_slots, max_len)
         self.scheduler = Scheduler(num_slots, max_len, prefill_chunk=prefill_chunk, max_queue=max_queue)
         static = self.device.type == "cuda" if static is None else static
+        cuda = self.device.type == "cuda"
         self.decode = DecodeStep(
-            model, self.cache, static=static, graphs=static and self.device.type == "cuda"
+            model, self.cache, static=static, graphs=static and cuda, compile=compile_static
         )
         self.stats = EngineStats()
         self.step_log: deque[dict] = deque(maxlen=step_log)

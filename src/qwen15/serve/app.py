@@ -218,7 +218,9 @@ def create_app(
     def take(items, req: GenerationRequest, ids: list[int], choices: list[Choice]) -> set[int]:
         """Apply one step's events; the choices that changed."""
         if items is None:
-            raise APIError(503, f"the engine failed: {runner.error!r}", type="server_error", code="engine_down")
+            raise APIError(
+                503, f"the engine failed: {runner.error!r}", type="server_error", code="engine_down"
+            )
         changed = set()
         for index, event in items:
             c = choices[index]
