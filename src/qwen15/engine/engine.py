@@ -164,10 +164,12 @@ class Engine:
             commands, self._inbox = self._inbox, []
         if self.sync is not None:
             commands = self.sync(commands)
-        self._apply(commands)
         started = time.perf_counter()
         events: list[TokenEvent] = []
         entry: dict = {"step": self.stats.steps}
+        cancelled = self._apply(commands)
+        if cancelled:
+            entry["cancelled"] = cancelled
         with torch.inference_mode():
             admitted = self._admit()
             decoding = self.scheduler.decoding()
@@ -194,7 +196,9 @@ class Engine:
                 self._log_file.flush()
         return events
 
-    def _apply(self, commands: list[tuple]) -> None:
+    def _apply(self, commands: list[tuple]) -> list[int]:
+        """Add and cancel as commanded; the ids cancelled."""
+        cancelled = []
         for command in commands:
             if command[0] == "add":
                 _, ids, prompt, params = command
@@ -214,6 +218,8 @@ class Engine:
                     if seq is not None and seq.finish is None:
                         self.stats.cancelled += 1
                         self._retire(seq, "cancelled")
+                        cancelled.append(sid)
+        return cancelled
 
     def _admit(self) -> list[Sequence]:
         admitted = []
@@ -224,6 +230,7 @@ class Engine:
                 seq.params.sampling, seq.params.seed, seq.params.logprobs, seq.tokens, self.vocab, self.device
             )
             self.scheduler.start(seq)
+            seq.after = None
             with self._lock:
                 self._queued -= 1
             self.stats.prompt_tokens += seq.prompt_len

@@ -192,7 +192,8 @@ def _unsupported(body: dict) -> None:
 def _common(
     body: dict, served: ServedModel, kind: str, prompts: list[list[int]], logprobs: int | None, stop_ids
 ) -> GenerationRequest:
-    n = _field(body, "n", int) or 1
+    n = _field(body, "n", int)
+    n = 1 if n is None else n
     if not 1 <= n <= MAX_N:
         raise _value_error("n", f"must be between 1 and {MAX_N}, got {n}")
     stream = bool(_field(body, "stream", bool))

@@ -25,6 +25,7 @@ class Runner:
         self.engine = engine
         self.loop = loop
         self._routes: dict[int, tuple[asyncio.Queue, int]] = {}
+        self._lock = threading.Lock()  # routes are set before the engine thread can deliver to them
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,16 +49,18 @@ class Runner:
 
     def submit(self, prompt: list[int], params: SequenceParams, n: int, queue: asyncio.Queue, first: int = 0):
         """Queue n choices of one prompt; their events go to `queue` as (first + i, event). Their ids."""
-        ids = self.engine.add(prompt, params, n)
-        for i, sid in enumerate(ids):
-            self._routes[sid] = (queue, first + i)
+        with self._lock:
+            ids = self.engine.add(prompt, params, n)
+            for i, sid in enumerate(ids):
+                self._routes[sid] = (queue, first + i)
         self._wake.set()
         return ids
 
     def cancel(self, ids: list[int]) -> None:
         """The client is gone or has what it wanted: the engine frees the slots at its next step."""
-        for sid in ids:
-            self._routes.pop(sid, None)
+        with self._lock:
+            for sid in ids:
+                self._routes.pop(sid, None)
         self.engine.cancel(ids)
         self._wake.set()
 
@@ -75,7 +78,9 @@ class Runner:
                     self._deliver(events)
         except BaseException as e:  # noqa: BLE001 (reported by /health and every later request)
             self.error = e
-            for queue in {id(q): q for q, _ in list(self._routes.values())}.values():
+            with self._lock:
+                queues = {id(q): q for q, _ in self._routes.values()}.values()
+            for queue in queues:
                 self.loop.call_soon_threadsafe(queue.put_nowait, None)  # None: the engine is gone
             raise
         finally:
@@ -84,14 +89,15 @@ class Runner:
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         batches: dict[int, tuple[asyncio.Queue, list]] = {}
-        for event in events:
-            route = self._routes.get(event.seq_id)
-            if route is None:
-                continue
-            queue, index = route
-            batches.setdefault(id(queue), (queue, []))[1].append((index, event))
-            if event.finish is not None:
-                del self._routes[event.seq_id]
+        with self._lock:
+            for event in events:
+                route = self._routes.get(event.seq_id)
+                if route is None:
+                    continue
+                queue, index = route
+                batches.setdefault(id(queue), (queue, []))[1].append((index, event))
+                if event.finish is not None:
+                    del self._routes[event.seq_id]
         for queue, items in batches.values():
             self.loop.call_soon_threadsafe(queue.put_nowait, items)
 
