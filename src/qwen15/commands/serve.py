@@ -94,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the KV of a prompt")
     e.add_argument("--step-log", metavar="FILE", help="append one JSON line per engine step to FILE")
     parser.epilog = SAMPLING_HELP + " Chat requests also stop at <|im_end|> and <|endoftext|>."
+    parser.set_defaults(seed=None)  # each request brings its own; load_model's tensor-parallel setup reads it
 
 
 def default_kv_memory(device) -> int:
