@@ -213,6 +213,7 @@ def _serve(args, runner, served, note: str) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # clients may connect as soon as the line below is printed
     except OSError as e:
         raise UserError(
             f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port"
