@@ -9,6 +9,7 @@ processes (tensor parallel) and rank 0 serves HTTP. Needs the `serve` extra: pip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -42,9 +43,10 @@ def parse_size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument(
-        "--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) applied to the model"
-    )
+    with contextlib.suppress(argparse.ArgumentError):  # the shared model options may define it already
+        parser.add_argument(
+            "--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) applied to the model"
+        )
     g = parser.add_argument_group("server")
     g.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
@@ -111,23 +113,17 @@ def default_kv_memory(device) -> int:
 
 
 def _load(args):
+    import importlib.util
+
     from qwen15.commands.options import load_model
     from qwen15.errors import UserError
 
-    if not args.adapter:
-        return load_model(args)
-    try:
-        from qwen15.lora import load_adapter
-    except ImportError:
+    if args.adapter and importlib.util.find_spec("qwen15.lora") is None:
         raise UserError(
-            "--adapter needs LoRA support (issue 14), which this build does not have yet; serve the merged "
-            "model instead (qwen15 convert)"
-        ) from None
-    from qwen15.prepare import prepare_for_inference
-
-    model, tokenizer = load_model(args, prepare=False)
-    load_adapter(model, args.adapter)
-    return prepare_for_inference(model, args.quantize), tokenizer
+            "--adapter needs LoRA support (issue 14), which this build does not have yet; serve a model with the "
+            "adapter merged into it instead"
+        )
+    return load_model(args)  # applies --adapter where the LoRA support is in
 
 
 def run(args: argparse.Namespace) -> int:
