@@ -651,3 +651,36 @@ def test_tensor_parallel_server_answers_like_the_single_process_one(model_dir, c
         assert any("tensor parallel over 2 processes" in line for line in lines)
     finally:
         stop_server(proc)
+
+
+def test_serve_with_a_lora_adapter_answers_like_the_library(model_dir, tmp_path):
+    """--adapter: the server's greedy answer is the library's with the adapter applied (and not the base's)."""
+    lora = pytest.importorskip("qwen15.lora", reason="LoRA support (issue 14) is not in this build")
+    from qwen15 import Qwen, Tokenizer, prepare_for_inference
+    from qwen15.generation import generate
+
+    model = Qwen.from_pretrained(str(model_dir))
+    modules = lora.add_adapters(
+        model, lora.LoRASpec(r=4, alpha=8), generator=torch.Generator().manual_seed(5)
+    )
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_B.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(6))
+    lora.save_adapter(model, tmp_path / "adapter")
+    tok = Tokenizer.from_pretrained(str(model_dir))
+    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True)
+    base = prepare_for_inference(Qwen.from_pretrained(str(model_dir)))
+    adapted = prepare_for_inference(
+        lora.load_adapter(Qwen.from_pretrained(str(model_dir)), tmp_path / "adapter")
+    )
+    want = generate(adapted, tok, ids, max_new_tokens=12, temperature=0).text
+    assert want != generate(base, tok, ids, max_new_tokens=12, temperature=0).text
+    proc, url, _ = start_server(
+        ["--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--served-model-name", NAME]
+        + ["--max-model-len", "256", "--kv-cache-memory", "16MiB", "--max-num-seqs", "2"]
+    )
+    try:
+        status, answer = request(url, "POST", C, {"messages": CHAT, "temperature": 0, "max_tokens": 12})
+        assert status == 200 and answer["choices"][0]["message"]["content"] == want
+    finally:
+        stop_server(proc)
