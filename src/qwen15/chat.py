@@ -1,11 +1,12 @@
 """Multi-turn chat: the conversation, its rendering in the checkpoint's chat template, and the context window.
 
 `ChatSession.ask(question)` streams the reply (text deltas) and adds both turns to the history. With
-history off each question is answered alone. When the rendered conversation plus room for the reply
-(max_new_tokens, at most half the window) no longer fits the context window, the oldest user/assistant exchanges
-are dropped first; the system prompt and the current question are never dropped. A reply gets max_new_tokens or
-the room the conversation leaves in the window, whichever is less (as `generate` clamps); only a question that
-leaves no room at all is refused. The terminal loop lives in qwen15.commands.chat.
+history off each question is answered alone. The session keeps one engine (qwen15.generation.Generator with
+prefix reuse), so a turn does not recompute the KV of the conversation before it. When the rendered conversation
+plus room for the reply (max_new_tokens, at most half the window) no longer fits the context window, the oldest
+user/assistant exchanges are dropped first; the system prompt and the current question are never dropped. A reply
+gets max_new_tokens or the room the conversation leaves in the window, whichever is less (as `generate` clamps);
+only a question that leaves no room at all is refused. The terminal loop lives in qwen15.commands.chat.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
 from qwen15.errors import UserError
-from qwen15.generation import Completion, default_stop_ids, stream_generate
+from qwen15.generation import Completion, Generator, default_stop_ids
 from qwen15.sampling import SamplingParams
 
 DEMO_QUESTIONS = ("你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题")
@@ -42,6 +43,7 @@ class ChatSession:
     turns: list[dict[str, str]] = field(default_factory=list)  # user/assistant messages, oldest first
     dropped_turns: int = 0  # exchanges dropped from the front to fit the window, since the last clear
     last_completion: Completion | None = None
+    _generator: Generator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         limit = self.model.config.max_position_embeddings
@@ -109,32 +111,39 @@ class ChatSession:
     def ask(self, question: str) -> Iterator[str]:
         """Stream the reply to `question` (text deltas); the exchange joins the history when the reply is done."""
         ids = self.prompt_ids(question)
-        stream = stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
+        if self._generator is None or self._generator.model is not self.model:
+            self._generator = Generator(self.model, self.tokenizer, prefix_reuse=True)
+        it = self._generator.stream(
+            [ids],
             max_new_tokens=self.reply_budget(len(ids)),
-            temperature=self.sampling.temperature,
-            top_k=self.sampling.top_k,
-            top_p=self.sampling.top_p,
-            repetition_penalty=self.sampling.repetition_penalty,
+            sampling=self.sampling,
             stop_token_ids=self._stop_ids(),
             seed=self.seed,
         )
-        yield from stream
-        self.last_completion = stream.completion
+        while True:
+            try:
+                _, delta = next(it)
+            except StopIteration as done:
+                completion = done.value[0]
+                break
+            yield delta
+        self.last_completion = completion
         if self.history:
             self.turns.append({"role": "user", "content": question})
-            self.turns.append({"role": "assistant", "content": stream.completion.text})
+            self.turns.append({"role": "assistant", "content": completion.text})
 
     def _stop_ids(self) -> list[int]:
         if self.stop_token_ids is not None:
             return list(self.stop_token_ids)
-        # a chat reply ends at <|im_end|> even when the checkpoint names only <|endoftext|> (a base model
-        # finetuned on chat data would otherwise run on)
-        ids = default_stop_ids(self.model, self.tokenizer)
-        return sorted(set(ids) | {self.tokenizer.im_end_id, self.tokenizer.endoftext_id})
+        return chat_stop_ids(self.model, self.tokenizer)
 
     def reply(self, question: str) -> str:
         """The whole reply to `question` (non-streaming form of `ask`)."""
         return "".join(self.ask(question))
+
+
+def chat_stop_ids(model, tokenizer) -> list[int]:
+    """A chat reply ends at the checkpoint's eos ids and always at <|im_end|> and <|endoftext|> (a base model
+    finetuned on chat data names only <|endoftext|> and would otherwise run on)."""
+    ids = default_stop_ids(model, tokenizer)
+    return sorted(set(ids) | {tokenizer.im_end_id, tokenizer.endoftext_id})

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("qwen15.commands.tokenizer", "tokenizer tools (from-tiktoken, encode)"),
     "generate": ("qwen15.commands.generate", "continue prompts with a model (the seed's predict)"),
     "chat": ("qwen15.commands.chat", "multi-turn chat with a model"),
+    "serve": (
+        "qwen15.commands.serve",
+        "an OpenAI-compatible server with continuous batching and a chat page",
+    ),
     "eval": ("qwen15.commands.eval", "evaluate a model (perplexity)"),
     "data": ("qwen15.commands.data", "prepare datasets (alpaca-to-chat, preprocess, from-mindrecord)"),
     "train": ("qwen15.commands.train", "pretrain or finetune (one process or torchrun)"),

@@ -62,7 +62,7 @@ class KVCache:
 
     Buffers are created on first use with the shape, dtype and device of the keys written (so a tensor-parallel
     shard gets a cache of its local heads), or up front with `allocate`. Writes go to the slots named by
-    `cache_positions`, shared by every row of the batch.
+    `cache_positions`: [seq] shared by every row of the batch, or [batch, seq] for rows at different lengths.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int):
@@ -86,8 +86,13 @@ class KVCache:
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(2, slots, k)
-        vc.index_copy_(2, slots, v)
+        if slots.dim() == 1:
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+        else:
+            rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+            kc[rows, :, slots] = k.transpose(1, 2)
+            vc[rows, :, slots] = v.transpose(1, 2)
         return kc, vc
 
     def nbytes(self) -> int:
@@ -99,8 +104,8 @@ class AttentionInputs:
     """What every block's attention needs besides the hidden states; computed once per forward.
 
     cos, sin [batch, seq, head_dim]: rotary embeddings of the positions. mask: boolean SDPA mask, or None for plain
-    causal attention. kv_cache, cache_positions [seq]: decoding with a cache (the new keys go to these slots);
-    key_len: attention reads only the first key_len slots of the cache.
+    causal attention. kv_cache, cache_positions [seq] or [batch, seq]: decoding with a cache (the new keys go to
+    these slots); key_len: attention reads only the first key_len slots of the cache.
     """
 
     cos: torch.Tensor
@@ -189,18 +194,21 @@ def attention_mask(
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean SDPA mask [batch or 1, 1, queries, keys]: causal over slots, minus padded keys and other documents.
+    query_slots: [queries] shared by the batch, or [batch, queries] when rows sit at different lengths.
 
     Every query keeps its own slot so that no row is fully masked (a fully masked row gives NaN, which would reach
     real tokens through the cache of padded positions).
     """
     key_slots = torch.arange(key_len, device=query_slots.device)
-    causal = key_slots[None, :] <= query_slots[:, None]
-    mask = causal[None, None]
+    queries = query_slots[..., :, None]
+    causal, own = key_slots <= queries, key_slots == queries  # [(batch,) queries, keys]
+    lead = (None, None) if query_slots.dim() == 1 else (slice(None), None)
+    mask = causal[lead]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :key_len].bool()
     if document_ids is not None:
         mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    return mask | (key_slots[None, :] == query_slots[:, None])[None, None]
+    return mask | own[lead]
 
 
 class Qwen(nn.Module):
@@ -251,8 +259,8 @@ class Qwen(nn.Module):
         position_ids [batch, seq]: explicit positions; by default 0.. (restarting at each document when
             document_ids is given, continuing from cache_positions with a cache).
         document_ids [batch, seq]: packed documents; a token attends only to earlier tokens of its own document.
-        kv_cache, cache_positions [seq]: decode with a cache; the new keys go to these slots and each query attends
-            to every slot up to its own.
+        kv_cache, cache_positions [seq] or [batch, seq]: decode with a cache; the new keys go to these slots and
+            each query attends to every slot up to its own.
         key_padding_mask [batch, key_len] (bool): False marks cache slots to ignore (left padding); with a cache,
             attention reads only the first key_len slots.
         return_hidden: return the final hidden states (after the last norm, when present) instead of logits.
@@ -268,7 +276,7 @@ class Qwen(nn.Module):
             if cache_positions is None:
                 raise ValueError("cache_positions is required with a KV cache")
             if position_ids is None:
-                position_ids = cache_positions[None, :].expand(b, s)
+                position_ids = cache_positions.expand(b, s)
             key_len = key_padding_mask.shape[1] if key_padding_mask is not None else kv_cache.max_len
             mask = attention_mask(cache_positions, key_len, key_padding_mask)
         else:

@@ -67,15 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _session(args: argparse.Namespace, model, tokenizer):
     from qwen15.chat import ChatSession
     from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
-    from qwen15.generation import sampling_defaults
+    from qwen15.generation import chat_sampling_defaults
     from qwen15.sampling import SamplingParams
 
-    base = sampling_defaults(getattr(model, "generation_config", None))
-    if args.temperature is None and getattr(model, "generation_config", None) is None:
-        # no generation_config.json: chat samples with Qwen1.5-Chat's recommended values
-        from qwen15.model_config import CHAT_SAMPLING
-
-        base = SamplingParams(**CHAT_SAMPLING)
+    base = chat_sampling_defaults(getattr(model, "generation_config", None))
     given = sampling_overrides(args)
     sampling = SamplingParams(
         **{k: getattr(base, k) if given[k] is None else given[k] for k in given},
