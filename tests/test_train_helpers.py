@@ -3,11 +3,14 @@ running the trainer in 1..N processes (spawned, gloo, a temp-file rendezvous so 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +89,38 @@ def schedule(step: int, steps: int, lr: float, min_lr: float, warmup: int) -> fl
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
-def reference_training(data: Path, steps: int | None = None, model=None, **changes):
+@contextlib.contextmanager
+def deterministic(threads: int = 1):
+    """Run an oracle the same way in every process and on every machine: a fixed intra-op thread count (how a
+    parallel kernel splits its work, and so its fp32 summation order, follows the thread count, which otherwise
+    defaults to the cores this process may use), and deterministic algorithms only."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+@dataclass
+class Reference:
+    """What the reference loop computed: the loss of each step, the final and the initial weights."""
+
+    losses: list[float]
+    state: dict[str, torch.Tensor]
+    initial: dict[str, torch.Tensor]
+
+
+def reference_training(data: Path, steps: int | None = None, model=None, **changes) -> Reference:
     """The oracle: one plain process, the whole global batch in one forward, mean cross-entropy over unmasked
-    labels, torch's AdamW with decay on matrices only, clip_grad_norm_. Returns (losses, final state dict)."""
+    labels, torch's AdamW with decay on matrices only, clip_grad_norm_ (one thread, deterministic algorithms)."""
+    with deterministic():
+        return _reference_training(data, steps, model, **changes)
+
+
+def _reference_training(data: Path, steps: int | None, model, **changes) -> Reference:
     from qwen15 import Qwen, get_preset
     from qwen15.data.dataset import RowSampler, TokenDataset
 
@@ -99,6 +131,7 @@ def reference_training(data: Path, steps: int | None = None, model=None, **chang
     if model is None:
         cfg = get_preset(p["model.preset"]).replace(vocab_size=p["model.vocab_size"])
         model = Qwen.from_config(cfg, seed=p["model.init_seed"])
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train()
     params = list(model.parameters())
     opt = torch.optim.AdamW(
@@ -126,7 +159,67 @@ def reference_training(data: Path, steps: int | None = None, model=None, **chang
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Reference(losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, initial)
+
+
+# Tolerances of a trainer run against the reference loop, set from the differences measured over 20 repeated
+# runs of every equivalence test (bench/repeat_equivalence.py; the figures are in its docstring). The only
+# differences are fp32 summation orders (micro-batches accumulated, gradients reduced across ranks, row-parallel
+# partial sums): losses differed by <= 1.7e-7 relative. The weights are compared by the error of the UPDATE
+# (final - initial weights) relative to the reference update, over all tensors (<= 6e-5 measured): weight decay
+# alone is 0.3% of the update, so the largest absolute difference of one weight (Adam's 1/sqrt(v) magnifies the
+# rounding of near-zero gradients up to a fraction of one lr step) cannot tell a missing decay from noise.
+LOSS_RTOL = 1e-6
+UPDATE_RTOL = 5e-4
+WEIGHT_ATOL = 1e-4
+
+
+def differences(losses: list[float], weights: dict[str, torch.Tensor], ref: Reference) -> dict[str, float]:
+    """The largest relative loss difference, the relative error of the update and the largest weight difference."""
+    assert len(losses) == len(ref.losses), (len(losses), len(ref.losses))
+    assert set(weights) == set(ref.state), set(weights) ^ set(ref.state)
+    error = sum(float((weights[k].double() - ref.state[k].double()).pow(2).sum()) for k in ref.state)
+    update = sum(float((ref.state[k].double() - ref.initial[k].double()).pow(2).sum()) for k in ref.state)
+    return {
+        "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref.losses)),
+        "update_rel": math.sqrt(error / update),
+        "weight_abs": max_abs_diff(weights, ref.state),
+    }
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(state[k].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def assert_matches_reference(losses: list[float], weights: dict[str, torch.Tensor], ref: Reference) -> None:
+    """The shared check of every equivalence test (and of the mutation tests, which expect it to fail). Prints
+    the differences, and appends them with hashes of both sides to $QWEN15_EQUIVALENCE_LOG when set (the repeat
+    script reads it)."""
+    d = differences(losses, weights, ref)
+    record = dict(d, test=os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
+    record.update(trainer=state_hash(weights), reference=state_hash(ref.state))
+    print("equivalence", json.dumps(record))
+    log = os.environ.get("QWEN15_EQUIVALENCE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    assert d["loss_rel"] <= LOSS_RTOL, (
+        f"losses differ by {d['loss_rel']:.3g} relative: {losses} vs {ref.losses}"
+    )
+    assert d["update_rel"] <= UPDATE_RTOL, f"the update differs by {d['update_rel']:.3g} relative"
+    assert d["weight_abs"] <= WEIGHT_ATOL, f"a weight differs by {d['weight_abs']:.3g}"
+
+
+def assert_run_matches_reference(result, ref: Reference) -> None:
+    """assert_matches_reference for a TrainResult or a rank-0 result dict of train_in_processes."""
+    if isinstance(result, dict):
+        losses, checkpoint = result["losses"], Path(result["checkpoint"])
+    else:
+        losses, checkpoint = result.losses, result.last_checkpoint
+    assert_matches_reference(losses, checkpoint_weights(checkpoint), ref)
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -158,6 +251,7 @@ def _worker(rank: int, world: int, init_file: str, jobs: list[list[str]], out: s
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from qwen15.train.config import load_config

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +42,6 @@ from qwen15.train.distributed import DistEnv, barrier
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
-# Test hook: kill this process (SIGKILL) in the middle of writing the checkpoint of the given step.
-KILL_DURING_SAVE_ENV = "QWEN15_TEST_KILL_DURING_SAVE"
 
 
 class CheckpointNotFound(UserError):
@@ -99,9 +96,9 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def remove_partial(self) -> None:
-        """Leftovers of a run killed while saving (never read; removed at start by rank 0)."""
+        """Leftovers of a run killed while saving or deleting (never read; removed at start by rank 0)."""
         if self.env.is_main and self.folder.is_dir():
-            for p in self.folder.glob(".step-*.partial"):
+            for p in [*self.folder.glob(".step-*.partial"), *self.folder.glob(".step-*.old")]:
                 shutil.rmtree(p, ignore_errors=True)
         barrier()
 
@@ -122,8 +119,6 @@ class CheckpointManager:
         barrier()
         state, _ = _state_dicts(model, optimizer)
         dcp.save(state, checkpoint_id=str(tmp / "state"))
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)  # weights written, the rest not: a crash mid-save
         _save_rng(tmp / "rng" / f"rank-{self.env.rank:05d}.safetensors")
         barrier()
         if self.env.is_main:
@@ -144,7 +139,7 @@ class CheckpointManager:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             for stale in complete_checkpoints(self.folder)[: -self.keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_checkpoint(stale)
         barrier()
         return final
 
@@ -198,6 +193,14 @@ def _state_dicts(model, optimizer) -> tuple[dict[str, dict], list]:
         state["optim"].update(o)
         parts.append((module, opt, list(m), list(o)))
     return state, parts
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted one in sight: renamed out of the listing first."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _save_rng(path: Path) -> None:
