@@ -244,22 +244,100 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+# ---------------------------------------------------------------------------------------------- mutations
+# Deliberate bugs of the trainer, applied from outside (set(module, name, value) is monkeypatch.setattr in the test
+# process, plain setattr in a spawned worker): test_train_mutations.py checks that assert_matches_reference
+# rejects each one.
+
+
+def _no_weight_decay(set_attr) -> None:
+    from qwen15.train import trainer as T
+
+    real = T.build_optimizer
+
+    def build(model, cfg):
+        optimizer = real(model, cfg)
+        for group in optimizer.param_groups:
+            group["weight_decay"] = 0.0
+        return optimizer
+
+    set_attr(T, "build_optimizer", build)
+
+
+def _no_clipping(set_attr) -> None:
+    from qwen15.train import trainer as T
+
+    real = T.clip_grad_norm
+    set_attr(T, "clip_grad_norm", lambda parts, max_norm, pp_group=None: real(parts, 0.0, pp_group))
+
+
+def _skip_a_micro_batch(set_attr) -> None:
+    from qwen15.train import trainer as T
+
+    real = T.forward_backward
+    set_attr(T, "forward_backward", lambda model, micro, *a, **k: real(model, micro[:-1], *a, **k))
+
+
+def _mean_per_micro_batch(set_attr) -> None:
+    """Each micro-batch's loss normalised by its own labels (the mean of micro-batch means)."""
+    from qwen15.train import trainer as T
+    from qwen15.train.loss import count_targets
+
+    real, micro = T.micro_batch_loss, BASE["train.global_batch_size"] // BASE["train.micro_batch_size"]
+    set_attr(
+        T, "micro_batch_loss", lambda m, mb, targets, *a: real(m, mb, count_targets(mb["labels"]) * micro, *a)
+    )
+
+
+def _local_normalisation(set_attr) -> None:
+    """The loss normalised by this rank's labels instead of the global batch's (the same as the right one on one
+    process)."""
+    from qwen15.train import trainer as T
+    from qwen15.train.loss import count_targets
+
+    real = T.forward_backward
+
+    def local(model, micro, targets, *a, **k):
+        return real(model, micro, sum(count_targets(mb["labels"]) for mb in micro), *a, **k)
+
+    set_attr(T, "forward_backward", local)
+
+
+MUTATIONS = {
+    "no weight decay": _no_weight_decay,
+    "no clipping": _no_clipping,
+    "skip a micro-batch": _skip_a_micro_batch,
+    "loss mean per micro-batch": _mean_per_micro_batch,
+    "loss normalised per rank": _local_normalisation,
+}
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _worker(rank: int, world: int, init_file: str, jobs: list[list[str]], out: str) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, jobs: list[list[str]], out: str, mutations: list[str | None]
+) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        from qwen15.train import trainer as T
         from qwen15.train.config import load_config
         from qwen15.train.trainer import train
 
         results = []
-        for args in jobs:
-            result = train(load_config(None, args), echo=lambda m: None)
+        for args, mutation in zip(jobs, mutations, strict=True):
+            saved = dict(vars(T))
+            if mutation is not None:
+                MUTATIONS[mutation](setattr)
+            try:
+                result = train(load_config(None, args), echo=lambda m: None)
+            finally:
+                for name in ("build_optimizer", "clip_grad_norm", "forward_backward", "micro_batch_loss"):
+                    setattr(T, name, saved[name])
             results.append({"losses": result.losses, "checkpoint": str(result.last_checkpoint)})
         if rank == 0:
             Path(out).write_text(json.dumps(results))
@@ -267,11 +345,15 @@ def _worker(rank: int, world: int, init_file: str, jobs: list[list[str]], out: s
         dist.destroy_process_group()
 
 
-def train_in_processes(world: int, jobs: list[list[str]]) -> list[dict]:
-    """Run each job (a list of overrides) in `world` spawned processes; rank 0's results."""
+def train_in_processes(
+    world: int, jobs: list[list[str]], mutations: list[str | None] | None = None
+) -> list[dict]:
+    """Run each job (a list of overrides) in `world` spawned processes, each with its entry of `mutations` (a
+    name in MUTATIONS, or None) applied to the trainer; rank 0's results."""
     import torch.multiprocessing as mp
 
+    mutations = mutations or [None] * len(jobs)
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out = os.path.join(tmp, "rendezvous"), os.path.join(tmp, "results.json")
-        mp.spawn(_worker, args=(world, init_file, jobs, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, init_file, jobs, out, mutations), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
