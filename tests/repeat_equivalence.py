@@ -80,9 +80,15 @@ def main() -> int:
     for check, rs in by_check.items():
         worst = [max(r[k] for r in rs) for k in KEYS]
         distinct = [len({r[side] for r in rs}) for side in ("trainer", "reference")]
-        print(f"| {check} | {len(rs)} | " + " | ".join(f"{w:.3g}" for w in worst) + f" | {distinct[0]} | {distinct[1]} |")
+        print(
+            f"| {check} | {len(rs)} | "
+            + " | ".join(f"{w:.3g}" for w in worst)
+            + f" | {distinct[0]} | {distinct[1]} |"
+        )
     if records:
-        print("\nover all comparisons: " + ", ".join(f"max {k} {max(r[k] for r in records):.3g}" for k in KEYS))
+        print(
+            "\nover all comparisons: " + ", ".join(f"max {k} {max(r[k] for r in records):.3g}" for k in KEYS)
+        )
     return 0 if all(passes[t] == args.runs for t in args.tests) else 1
 
 
