@@ -3,6 +3,13 @@
     python bench/decode.py                                  # qwen1.5-0.5b shape, batch 1 and 8, fp32 and bf16
     python bench/decode.py --preset qwen1.5-7b --device cuda --dtype bf16 --batch 1
     python bench/decode.py --int8                           # adds our int8 weight-only rows
+    python bench/decode.py --hf-static                      # adds transformers' static cache + compile baseline
+
+Two baselines: transformers' default `generate` (eager, dynamic cache), and with `--hf-static` its fastest
+documented path: `generate(cache_implementation="static", compile_config=CompileConfig())`, which keeps the prefill
+eager and compiles the decode step (mode reduce-overhead: CUDA graphs on a GPU; on CPU `_compile_all_devices` makes
+it compile too). Each ratio is printed against both; when the static path fails, the row says why (exception
+type and message) instead of a figure.
 
 Both models share one set of weight tensors (transformers' Qwen2ForCausalLM holds them; ours points at the same
 storage), so the comparison costs one model's memory. Each configuration runs the two engines alternately,
@@ -33,12 +40,19 @@ def hf_config_dict(cfg) -> dict:
 
 
 def hf_model(cfg, dtype, device):
+    """transformers' model in `dtype` with its rotary inv_freq kept fp32, as from_pretrained of a bf16
+    checkpoint leaves it (a bare `.to(bf16)` also rounds inv_freq, a drift of our setup, not of the kernels)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hc = Qwen2Config(**hf_config_dict(cfg), attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(hc).to(dtype)
+        model = Qwen2ForCausalLM(hc)
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    model = model.to(dtype)
+    model.model.rotary_emb.inv_freq = inv_freq
+    if hasattr(model.model.rotary_emb, "original_inv_freq"):
+        model.model.rotary_emb.original_inv_freq = inv_freq
     return model.eval()
 
 
@@ -109,6 +123,37 @@ def decode_seconds(samples: list[tuple[float, float]]) -> float:
     return min(f for f, _ in samples) - min(p for _, p in samples)
 
 
+def hf_static_generate(hf, device):
+    """transformers' static-cache + compiled-decode `generate` (see the module docstring) as run(prompt, k)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()  # transformers' defaults: inductor, mode reduce-overhead
+    if device.type != "cuda":
+        compile_config._compile_all_devices = True  # compile on CPU too (transformers' own switch)
+
+    def run(prompt, k):
+        ids = prompt.to(device)
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                cache_implementation="static",
+                compile_config=compile_config,
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    return run
+
+
+def failure(e: BaseException) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen1.5-0.5b")
@@ -123,6 +168,11 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--no-reference", action="store_true", help="skip transformers (e.g. 7B compiled on GPU only)"
+    )
+    p.add_argument(
+        "--hf-static",
+        action="store_true",
+        help="also time transformers' static cache + compiled decode (its fastest documented path)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-pack", action="store_true", help="do not prepack bf16 weights for oneDNN on CPU")
@@ -150,11 +200,12 @@ def main(argv=None) -> int:
         f"{args.repeat}; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s",
         flush=True,
     )
+    static_cols = " transformers static+compile tok/s | ratio vs static+compile | same tokens as static |"
     print(
-        "| weights | batch | transformers tok/s | qwen15 tok/s | ratio | qwen15 share of roofline "
-        "| same greedy tokens |"
+        "| weights | batch | transformers eager tok/s | qwen15 tok/s | ratio vs eager | qwen15 share of roofline "
+        "| same greedy tokens |" + (static_cols if args.hf_static else "")
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| --- " * (10 if args.hf_static else 7) + "|", flush=True)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     rows = [(d, b, False) for d in args.dtype for b in args.batch]
     if args.int8:
@@ -204,22 +255,45 @@ def main(argv=None) -> int:
             ref_tokens = run_hf(n)
             agree = sum(a == b for r, o in zip(ref_tokens, ours_tokens) for a, b in zip(r, o))
             same = f"{agree / (batch * n):.0%}"
-        ours_t, hf_t = [], []
+        run_static, static_error, static_same = None, None, "-"
+        if args.hf_static:
+            try:
+                static = hf_static_generate(hf, device)
+                static_tokens = static(prompt, n)  # compiles the decode step for this shape
+                static(prompt, 1)  # and for the one-token generate the timing subtracts
+                agree = sum(a == b for r, o in zip(static_tokens, ours_tokens) for a, b in zip(r, o))
+                static_same = f"{agree / (batch * n):.0%}"
+                run_static = lambda k, static=static, prompt=prompt: static(prompt, k)  # noqa: E731
+            except Exception as e:  # recorded in the row: why transformers' best path did not run here
+                static_error = failure(e)
+                print(f"transformers static+compile {dname} batch {batch}: {static_error}", file=sys.stderr)
+        ours_t, hf_t, static_t = [], [], []
         for _ in range(args.repeat):
             ours_t.append(generate_times(run_ours, n, device))
             if not args.no_reference:
                 hf_t.append(generate_times(run_hf, n, device))
+            if run_static is not None:
+                try:
+                    static_t.append(generate_times(run_static, n, device))
+                except Exception as e:
+                    static_error, run_static = failure(e), None
         tokens = batch * (n - 1)
         ours_rate = tokens / decode_seconds(ours_t)
         hf_rate = tokens / decode_seconds(hf_t) if hf_t else float("nan")
         roofline = bw / weight_bytes_per_step(ours) * batch
         label = "int8 weights, bf16 act." if int8 else dname
         vs = " (vs transformers bf16)" if int8 else ""
-        print(
+        row = (
             f"| {label} | {batch} | {hf_rate:.1f} | {ours_rate:.1f} | {ours_rate / hf_rate:.2f}x{vs} | "
-            f"{ours_rate / roofline:.0%} of {roofline:.0f} | {same} |",
-            flush=True,
+            f"{ours_rate / roofline:.0%} of {roofline:.0f} | {same} |"
         )
+        if args.hf_static:
+            if static_error is not None or not static_t:
+                row += f" {static_error or 'failed'} | - | - |"
+            else:
+                static_rate = tokens / decode_seconds(static_t)
+                row += f" {static_rate:.1f} | {ours_rate / static_rate:.2f}x{vs} | {static_same} |"
+        print(row, flush=True)
     return 0
 
 
