@@ -162,6 +162,37 @@ def _prompt_ids(prompt: Prompt, tokenizer, vocab: int, context: int) -> list[int
     return ids
 
 
+def _propose(
+    draft: Qwen,
+    cache: KVCache,
+    ids: torch.Tensor,
+    filled: int,
+    kr: int,
+    vocab: int,
+    sampling: SamplingParams,
+    seen: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kr draft tokens [kr] and the draft's probabilities they were drawn from [kr, vocab] (empty when greedy).
+    The first step feeds the ids the draft's cache lacks (ids[filled:]), each later step the previous draft."""
+    tokens, q = [], []
+    for i in range(kr):
+        fed = ids[filled:] if i == 0 else tokens[-1]
+        logits = _logits(draft, cache, fed, filled if i == 0 else ids.numel() + i - 1, 1)[:, :vocab]
+        if sampling.greedy:
+            tok = process_logits(logits, sampling, seen).argmax(-1)
+        else:
+            q.append(probabilities(logits, sampling, seen)[0])
+            tok = torch.multinomial(q[-1], 1, generator=generator)
+        tokens.append(tok.view(1))
+        if seen is not None:  # the next draft's penalty counts this one
+            seen = seen.clone()
+            seen[0, tok] = True
+    empty = ids.new_zeros(0)
+    block = torch.cat(tokens) if tokens else empty
+    return block, torch.stack(q) if q else torch.zeros(kr, vocab, device=ids.device)
+
+
 def _stream(
     target: Qwen,
     draft: Qwen,
@@ -206,23 +237,10 @@ def _stream(
         while row.finish is None:
             n = all_ids.numel()
             kr = min(k, budget - len(row.ids) - 1)  # never draft past the budget
-            drafts, q, d_seen = [], [], seen
-            for i in range(kr):  # the draft catches up on the ids it lacks, then one token per step
-                fed = all_ids[d_filled:] if i == 0 else drafts[-1]
-                logits = _logits(draft, d_cache, fed, d_filled if i == 0 else n + i - 1, 1)[:, :vocab]
-                draft_forwards += 1
-                if sampling.greedy:
-                    tok = process_logits(logits, sampling, d_seen).argmax(-1)
-                else:
-                    q.append(probabilities(logits, sampling, d_seen)[0])
-                    tok = torch.multinomial(q[-1], 1, generator=generator)
-                drafts.append(tok.view(1))
-                if d_seen is not None:
-                    d_seen = d_seen.clone()
-                    d_seen[0, tok] = True
+            block, q = _propose(draft, d_cache, all_ids, d_filled, kr, vocab, sampling, seen, generator)
+            draft_forwards += kr
             if kr:
                 d_filled = n + kr - 1
-            block = torch.cat(drafts) if drafts else all_ids[:0]
             logits = _logits(target, t_cache, torch.cat([all_ids[t_filled:], block]), t_filled, kr + 1)
             logits = logits[:, :vocab]
             target_forwards += 1
@@ -236,8 +254,7 @@ def _stream(
                 kept, nxt = accept_greedy(best[None], block[None])
             else:
                 p = probabilities(logits, sampling, seen_at)
-                q_all = torch.stack(q) if q else p[:0]
-                kept, nxt = accept_drafts(p[None], q_all[None], block[None], generator)
+                kept, nxt = accept_drafts(p[None], q[None], block[None], generator)
             kept_n = int(kept)
             new = torch.cat([block[:kept_n], nxt])
             proposed, accepted = proposed + kr, accepted + kept_n
