@@ -377,3 +377,53 @@ def test_bench_runs_with_tiny_args(capsys):
     out = capsys.readouterr().out
     assert "random weights (acceptance is meaningless)" in out
     assert out.count("| yes |") == 2 and "same greedy tokens: yes" in out
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory, tokenizer):
+    """A tiny target and a smaller draft, saved with the real tokenizer; a third folder with a foreign one."""
+    from qwen15.model_config import get_preset
+
+    root = tmp_path_factory.mktemp("spec_cli")
+    gen = {"eos_token_id": [151645, 151643], "do_sample": False}
+    target = Qwen.from_config(get_preset("tiny"), seed=0)
+    target.save_pretrained(str(root / "target"), tokenizer=tokenizer, generation_config=gen)
+    draft = perturbed(Qwen.from_config(get_preset("tiny"), seed=0), 0.002, seed=1)
+    draft.save_pretrained(str(root / "draft"), tokenizer=tokenizer, generation_config=gen)
+    return root
+
+
+def test_cli_generate_and_chat_with_a_draft_print_the_plain_greedy_output(cli_models, capsys):
+    """`--draft-model` in generate and chat: the same text as without it (greedy), and the acceptance shown."""
+    from qwen15.cli import main
+
+    base = ["--model", str(cli_models / "target"), "--max-new-tokens", "12", "--greedy"]
+    draft = ["--draft-model", str(cli_models / "draft"), "--draft-tokens", "3"]
+    outputs = {}
+    for name, extra in (("plain", []), ("draft", draft)):
+        assert main(["generate", *base, "--prompt", "The capital of France is", *extra]) == 0
+        got = capsys.readouterr()
+        assert main(["chat", *base, "--predict-data", "Hi there", "What is 2 + 2?", *extra]) == 0
+        outputs[name] = (got.out, capsys.readouterr().out)
+        if name == "draft":
+            assert "draft tokens accepted" in got.err
+    assert outputs["draft"] == outputs["plain"]
+    assert outputs["plain"][0].startswith("The capital of France is") and len(outputs["plain"][0]) > 30
+
+
+def test_cli_refuses_a_draft_it_cannot_use(cli_models, tmp_path, capsys):
+    from qwen15.cli import main
+    from qwen15.model_config import get_preset
+
+    base = ["generate", "--model", str(cli_models / "target"), "--draft-model", str(cli_models / "draft")]
+    assert main([*base, "--prompt", "a", "--prompt", "b"]) == 2
+    assert "takes one --prompt" in capsys.readouterr().err
+    small = get_preset("tiny").replace(vocab_size=320)  # a model (and tokenizer) of another vocabulary
+    Qwen.from_config(small, seed=0).save_pretrained(str(tmp_path / "other"))
+    other = ["generate", "--model", str(cli_models / "target"), "--draft-model", str(tmp_path / "other")]
+    assert main([*other, "--prompt", "a"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qwen15 generate: error: --draft-model") and "vocabulary" in last

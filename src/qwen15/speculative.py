@@ -109,7 +109,7 @@ def _logits(model: Qwen, cache: KVCache, tokens: torch.Tensor, start: int, last:
     return model.lm_head(hidden[:, -last:])[0].float()
 
 
-def _check_pair(target: Qwen, draft: Qwen, tokenizer, k: int) -> int:
+def check_draft(target: Qwen, draft: Qwen, tokenizer, k: int) -> int:
     """The vocabulary both models are scored over: the tokenizer's ids when given (Qwen1.5 sizes pad their
     embeddings to 151936 or 152064 rows over the same 151646 tokens), else every row, which must then agree."""
     if not isinstance(k, int) or k < 1:
@@ -207,7 +207,7 @@ def _stream(
     seed: int | None,
 ) -> Iterator[tuple[int, str]]:
     """Yields (0, text delta) as rounds finish; returns [SpeculativeCompletion] (the shape TextStream reads)."""
-    vocab = _check_pair(target, draft, tokenizer, k)
+    vocab = check_draft(target, draft, tokenizer, k)
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     stops = tuple(s for s in (stop or ()) if s)

@@ -15,6 +15,7 @@ import sys
 
 from qwen15.commands.options import (
     SAMPLING_HELP,
+    add_draft_arguments,
     add_model_arguments,
     add_sampling_arguments,
     bounded,
@@ -32,6 +33,7 @@ COMMANDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=512)
+    add_draft_arguments(parser)
     g = parser.add_argument_group("conversation")
     g.add_argument(
         "--system-prompt",
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = SAMPLING_HELP + " In chat, replies always stop at <|im_end|> and <|endoftext|> as well."
 
 
-def _session(args: argparse.Namespace, model, tokenizer):
+def _session(args: argparse.Namespace, model, tokenizer, draft=None):
     from qwen15.chat import ChatSession
     from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
     from qwen15.generation import chat_sampling_defaults
@@ -86,6 +88,8 @@ def _session(args: argparse.Namespace, model, tokenizer):
         context_window=args.context_window,
         seed=args.seed,
         stop_token_ids=args.stop_token_id,
+        draft=draft,
+        draft_tokens=args.draft_tokens,
     )
 
 
