@@ -126,12 +126,13 @@ def test_trainer_step_memory_matches_the_estimate(
     import numpy as np
     from test_train_helpers import overrides
 
-    from qwen15.demo.dataset import write_dataset
+    from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
 
-    data = write_dataset(
-        tmp_path / "data", np.random.default_rng(0).integers(0, vocab, (rows, seq + 1)).astype(np.uint32)
+    tokens = np.random.default_rng(0).integers(0, vocab, (rows, seq + 1)).tolist()
+    data = write_documents(
+        tmp_path / "data", [(r, [True] * len(r)) for r in tokens], seq_length=seq, layout="pad"
     )
     args = overrides(
         data,

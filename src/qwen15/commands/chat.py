@@ -105,6 +105,9 @@ def _answer(session, question: str, out) -> None:
             f"[{session.dropped_turns - dropped} oldest exchange(s) dropped to fit the context window]",
             file=sys.stderr,
         )
+    done = session.last_completion
+    if session.draft is not None and done is not None:
+        print(f"[draft tokens accepted {done.accepted}/{done.proposed}]", file=sys.stderr)
 
 
 def _answer_all(session, questions: list[str], out) -> int:
@@ -151,17 +154,18 @@ def _slash_command(session, line: str) -> bool | None:
 
 def run(args: argparse.Namespace) -> int:
     from qwen15.chat import DEMO_QUESTIONS
-    from qwen15.commands.options import load_model
+    from qwen15.commands.options import load_draft, load_model
     from qwen15.errors import UserError
 
     sampling_overrides(args)  # contradictions are refused before the model loads
     model, tokenizer = load_model(args)
+    draft = load_draft(args, model, tokenizer)
     limit = model.config.max_position_embeddings
     if args.context_window is not None and args.context_window > limit:
         raise UserError(
             f"--context-window {args.context_window}: the model's context is {limit} tokens at most"
         )
-    session = _session(args, model, tokenizer)
+    session = _session(args, model, tokenizer, draft)
     if args.max_new_tokens > session.window:
         print(
             f"note: --max-new-tokens {args.max_new_tokens} is more than the context window ({session.window} "

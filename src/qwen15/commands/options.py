@@ -290,7 +290,11 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
         if adapter:
             from qwen15.lora import load_adapter, read_adapter
 
-            read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
+            try:
+                read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
+            except UserError as e:
+                text = str(e).removeprefix(f"{adapter}: ")
+                raise type(e)(f"--adapter {adapter}: {text}") from None
         model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
         note = "plain"
         if adapter:
