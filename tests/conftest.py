@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from parallel_harness import four, tp_results, two  # noqa: F401 (fixtures shared by the parallelism tests)
 
 SHARED = Path(os.environ.get("QWEN15_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_DATA = SHARED / "data"

@@ -4,7 +4,7 @@
     python tests/repeat_equivalence.py -n 5 tests/test_train.py::test_single_process_equals_the_reference_loop
 
 Not collected by pytest (the name does not start with test_): it is how the tolerances of
-test_train_helpers.assert_matches_reference were set and how their stability is shown (issue 19). The runs go
+train_helpers.assert_matches_reference were set and how their stability is shown (issue 19). The runs go
 round-robin over the tests, so that the machine's load hits all of them alike. Every comparison a test makes
 appends its differences and the hashes of both sides (trainer, reference) to $QWEN15_EQUIVALENCE_LOG; the
 summary gives, per comparison, the largest difference over the runs and how many distinct results each side

@@ -15,6 +15,8 @@ tiny random models with a 300-token byte-level BPE tokenizer, and small data fil
     The tiny recipe keeps its batch sizes.
   - `qwen15 demo` runs with `--quick` (the full demo takes minutes; test_demo.py runs the same stages).
   - placeholders DATASET, TOKENIZER_DIR and CKPT name stand-ins.
+  - `qwen15 serve` starts as a subprocess on a free port (the docs' --port is replaced, a GPU-sized
+    --kv-cache-memory becomes 64MiB); it counts as run when its /v1/models answers; then it is stopped.
 docs/migrate.md is run by test_migrate_doc.py, on the MindSpore fixtures. Not run here: installation lines (.ci/run runs them on a fresh machine), `pytest` (this suite), and commands for
 several machines or SLURM (test_multinode.py runs the same torchrun flags as two launchers on 127.0.0.1).
 """
@@ -218,8 +220,49 @@ def adapt(command: str) -> tuple[list[str], str | None]:
     return words, stdin
 
 
+def serve(words: list[str], cwd: Path) -> tuple[int, str]:
+    """`qwen15 serve`: started as a subprocess on a free port, asked for its models once it listens, stopped."""
+    import urllib.request
+
+    args = [w for i, w in enumerate(words[2:]) if w != "--port" and (i == 0 or words[2:][i - 1] != "--port")]
+    if "--kv-cache-memory" in args:  # the docs size it for a GPU; here a stand-in model on CPU
+        args[args.index("--kv-cache-memory") + 1] = "64MiB"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen15.cli", "serve", *args, "--port", "0"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"on (http://\S+) ", line)
+            if m:
+                url = m.group(1).replace("0.0.0.0", "127.0.0.1")
+                key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+                request = urllib.request.Request(url + "/v1/models")
+                if key:
+                    request.add_header("Authorization", f"Bearer {key}")
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    answer = json.loads(r.read())
+                lines.append(f"GET /v1/models -> {[m['id'] for m in answer['data']]}\n")
+                return 0, "".join(lines)
+        return proc.wait(), "".join(lines)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run(words: list[str], stdin: str | None, cwd: Path) -> tuple[int, str]:
-    """In this process for `qwen15 ...` (through qwen15.cli.main), as a subprocess for torchrun."""
+    """In this process for `qwen15 ...` (through qwen15.cli.main), as a subprocess for torchrun and serve."""
+    if words[:2] == ["qwen15", "serve"]:
+        return serve(words, cwd)
     if words[0] == "torchrun":
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", *words[1:]],

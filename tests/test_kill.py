@@ -83,7 +83,7 @@ def visible_checkpoints_are_complete(ckpts: Path) -> list[str]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from test_train_helpers import checkpoint_weights
+    from train_helpers import checkpoint_weights
 
     return checkpoint_weights(checkpoint)
 

@@ -320,7 +320,7 @@ def test_merge_command_refuses_bad_input_and_writes_nothing(tmp_path, base_dir, 
     ],
 )
 def test_bad_lora_sections_name_the_key(tmp_path, changes, message):
-    from test_train_helpers import config
+    from train_helpers import config
 
     from qwen15.train.config import TrainConfigError
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from test_train_helpers import BASE, schedule
+from train_helpers import BASE, schedule
 
 # The adapters of the training tests: every projection, rank 4, alpha 8.
 LORA = {"lora.r": 4, "lora.alpha": 8.0, "lora.init_seed": 11}
 
 
 def lora_overrides(**changes) -> dict:
-    """Keyword overrides for test_train_helpers.overrides/config: LORA plus changes (double underscore = dot)."""
+    """Keyword overrides for train_helpers.overrides/config: LORA plus changes (double underscore = dot)."""
     return {**{k.replace(".", "__"): v for k, v in LORA.items()}, **changes}
 
 

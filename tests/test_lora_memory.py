@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parallel import activation_bytes, model_for
+from parallel_harness import activation_bytes, model_for
 
 from qwen15.lora import TARGETS, LoRASpec, add_adapters
 from qwen15.model import Qwen

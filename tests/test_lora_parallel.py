@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_lora_helpers import checkpoint_adapters, lora_overrides, reference_lora_training
-from test_train_helpers import config, make_dataset, max_abs_diff, overrides, train_in_processes
+from train_helpers import config, make_dataset, max_abs_diff, overrides, train_in_processes
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow

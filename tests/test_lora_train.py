@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from test_lora_helpers import checkpoint_adapters, hf_copy, lora_overrides, reference_lora_training
-from test_train_helpers import config, make_dataset, max_abs_diff
+from train_helpers import config, make_dataset, max_abs_diff
 
 from qwen15.lora import LoRALinear
 from qwen15.train.trainer import Trainer, train

@@ -79,7 +79,7 @@ def losses(run: Path) -> list[float]:
 
 
 def test_two_launchers_train_like_two_nodes_and_one_node_resumes(art, tmp_path):
-    from test_train_helpers import checkpoint_weights
+    from train_helpers import checkpoint_weights
 
     common = dict(train__steps=4, train__global_batch_size=8, train__micro_batch_size=2, checkpoint__every=2)
     single = tmp_path / "single"

@@ -5,7 +5,7 @@ checks (FSDP2 x TP, pipeline stages, TP activations) are in test_parallel.py."""
 
 import pytest
 import torch
-from test_parallel import activation_bytes, model_for
+from parallel_harness import ACT_ROWS, ACT_SEQ, CONFIGS, PIPE_CONFIG, activation_bytes, model_for
 
 from qwen15.model import Qwen
 from qwen15.model_config import get_preset
@@ -124,7 +124,7 @@ def test_trainer_step_memory_matches_the_estimate(
     = estimate.activations, the step's peak = activations + transient, each within 5% (measured here: within
     0.2% and 3.5%)."""
     import numpy as np
-    from test_train_helpers import overrides
+    from train_helpers import overrides
 
     from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
@@ -169,3 +169,61 @@ def test_trainer_step_memory_matches_the_estimate(
     )
     assert kept == pytest.approx(1, abs=0.05)
     assert peak == pytest.approx(1, abs=0.05)
+
+
+def test_memory_estimate_is_exact_for_stored_bytes_under_fsdp_and_tp(four):
+    from qwen15.parallel.layout import ParallelLayout
+    from qwen15.parallel.memory import estimate_memory
+
+    est = estimate_memory(
+        CONFIGS["tied"],
+        ParallelLayout(dp_shard=2, tp=2),
+        micro_batch_size=2,
+        seq_len=16,
+        param_dtype="float32",
+        compute_dtype="float32",
+        optimizer="adamw",
+    )
+    for out in four:
+        got = out["fsdp"]
+        assert got["param_bytes"] == est.parameters
+        assert got["grad_bytes"] == est.gradients
+        assert got["optimizer_bytes"] == est.optimizer
+
+
+def test_memory_estimate_is_exact_for_pipeline_stage_parameters(two, four):
+    from qwen15.parallel.layout import ParallelLayout
+    from qwen15.parallel.memory import estimate_memory
+
+    for results, tp in ((two, 1), (four, 2)):
+        for rank, out in enumerate(results):
+            pp_rank = rank // tp
+            for schedule_name, got in out["pipeline"].items():
+                layout = ParallelLayout(pp=2, tp=tp, dp_shard=1, pp_schedule=schedule_name, pp_microbatches=4)
+                est = estimate_memory(
+                    PIPE_CONFIG,
+                    layout,
+                    micro_batch_size=1,
+                    seq_len=16,
+                    param_dtype="fp32",
+                    compute_dtype="fp32",
+                    pp_rank=pp_rank,
+                )
+                assert got["param_bytes"] == est.parameters, (schedule_name, rank)
+
+
+def test_memory_estimate_activations_under_tensor_parallel(two):
+    from qwen15.parallel.layout import ParallelLayout
+    from qwen15.parallel.memory import estimate_memory
+
+    est = estimate_memory(
+        CONFIGS["gqa"],
+        ParallelLayout(tp=2, dp_shard=1),
+        micro_batch_size=ACT_ROWS,
+        seq_len=ACT_SEQ,
+        param_dtype="fp32",
+        compute_dtype="fp32",
+    )
+    for out in two:
+        ratio = out["activations"] / est.activations
+        assert abs(ratio - 1) <= 0.05, f"measured / estimated activation bytes = {ratio:.3f}"

@@ -79,7 +79,7 @@ def test_stored_bytes_exact_and_activations_close_for_the_real_05b_width():
     """Qwen1.5-0.5B's width and 151936-row vocabulary (2 of its 24 layers, to stay small on CPU), one AdamW step
     with the trainer's optimizer: parameters, gradients and optimizer state are exactly the estimate, and the
     tensors autograd keeps for backward are within 5% of it."""
-    from test_parallel import activation_bytes
+    from parallel_harness import activation_bytes
 
     from qwen15.model import Qwen
     from qwen15.parallel.layout import ParallelLayout
@@ -130,7 +130,7 @@ def test_stored_bytes_exact_and_activations_close_for_the_real_05b_width():
     ],
 )
 def test_layout_errors_name_the_key(tmp_path, changes, message):
-    from test_train_helpers import config, make_dataset
+    from train_helpers import config, make_dataset
 
     from qwen15.errors import UserError
     from qwen15.train.trainer import Trainer

@@ -1,7 +1,7 @@
 """The real Trainer under tensor, pipeline and hybrid layouts (CPU, gloo, spawned processes) against the
-independent single-process reference loop of tests/test_train_helpers.py, on the same global batch.
+independent single-process reference loop of tests/train_helpers.py, on the same global batch.
 
-Compared by test_train_helpers.assert_matches_reference (as for data parallel in test_train_distributed.py; the
+Compared by train_helpers.assert_matches_reference (as for data parallel in test_train_distributed.py; the
 tolerances and the measured noise are written there). The layouts compute the same fp32 arithmetic in another
 order: partial sums of row-parallel matmuls all-reduced, the vocabulary-parallel loss assembled from per-shard
 max / sum-of-exponentials, gradients summed over micro-batches and ranks.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_train_helpers import (
+from train_helpers import (
     BASE,
     assert_matches_reference,
     assert_run_matches_reference,
@@ -84,7 +84,7 @@ def test_checkpoint_moves_between_layouts_and_exports_from_any(tmp_path):
     and weights as the uninterrupted single-process run. The tp 2 x pp 2 checkpoint exports to a Hugging Face
     folder that transformers loads with the logits of our model holding the checkpoint's weights."""
     import torch
-    from test_train_helpers import config
+    from train_helpers import config
 
     from qwen15.train.trainer import train
 

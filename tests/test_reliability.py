@@ -47,7 +47,7 @@ def train_args(art, run: Path, **changes) -> list[str]:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from test_train_helpers import checkpoint_weights
+    from train_helpers import checkpoint_weights
 
     return checkpoint_weights(checkpoint)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_helpers import (
+from train_helpers import (
     BASE,
     assert_run_matches_reference,
     checkpoint_weights,

@@ -1,7 +1,7 @@
 """Data parallel on CPU with gloo: 2 and 4 processes (FSDP2) train exactly like one process on the same global
 batch, checkpoints reshard across process counts, and torchrun launches the real command line.
 
-Every run is compared with the single-process reference loop by test_train_helpers.assert_matches_reference
+Every run is compared with the single-process reference loop by train_helpers.assert_matches_reference
 (losses, the relative error of the weight update, the largest weight difference; the tolerances and the noise
 they were set from are written there). The only differences are fp32 summation orders (gradients reduced across
 ranks, micro-batches accumulated in another order).
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     assert_matches_reference,
     assert_run_matches_reference,
     checkpoint_weights,
@@ -48,7 +48,7 @@ def test_data_parallel_equals_one_process(tmp_path, world):
 def test_resume_with_another_process_count_reshards_and_continues_the_data(tmp_path):
     """2 processes train steps 1-3 of 6 and stop; one process resumes for steps 4-6. DCP reshards weights and
     AdamW state; the data order continues from the global position (row 24 of the global order)."""
-    from test_train_helpers import config
+    from train_helpers import config
 
     from qwen15.train.trainer import train
 
@@ -68,7 +68,7 @@ def test_resume_with_another_process_count_reshards_and_continues_the_data(tmp_p
 
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_four(tmp_path):
-    from test_train_helpers import config
+    from train_helpers import config
 
     from qwen15.train.trainer import train
 

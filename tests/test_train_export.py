@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_train_helpers import (
+from train_helpers import (
     BASE,
     assert_matches_reference,
     checkpoint_weights,
@@ -123,7 +123,7 @@ def _tensor_names(folder):
 
 
 def test_convert_refuses_incomplete_checkpoints_and_existing_output(tmp_path, capsys):
-    from test_train_helpers import config, make_dataset
+    from train_helpers import config, make_dataset
 
     from qwen15.cli import main
     from qwen15.train.trainer import train

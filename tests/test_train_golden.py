@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import checkpoint_weights
+from train_helpers import checkpoint_weights
 
 from conftest import SHARED_DATA, needs_shared
 

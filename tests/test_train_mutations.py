@@ -1,4 +1,4 @@
-"""The equivalence tests can fail: each deliberate bug of the trainer (test_train_helpers.MUTATIONS, applied from
+"""The equivalence tests can fail: each deliberate bug of the trainer (train_helpers.MUTATIONS, applied from
 outside with monkeypatch) makes the comparison every equivalence test uses (assert_matches_reference) reject the
 run; and the optimizer the trainer really builds is the documented one."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_helpers import (
+from train_helpers import (
     MUTATIONS,
     assert_run_matches_reference,
     checkpoint_weights,
@@ -46,7 +46,7 @@ def test_each_mutation_is_rejected(pack, tmp_path, monkeypatch, mutation):
     """One process, 4 micro-batches per step: every bug changes the run beyond the tolerances. Not only the
     losses: the update of the weights alone must give each bug away (weight decay changes the losses by ~1e-5
     relative, the update by ~3e-3)."""
-    from test_train_helpers import UPDATE_RTOL
+    from train_helpers import UPDATE_RTOL
 
     data, reference = pack
     result = _train(data, tmp_path / "run", monkeypatch, mutation)

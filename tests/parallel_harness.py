@@ -1,9 +1,10 @@
-"""Tensor, pipeline and data parallelism against the single-process model (the oracle), on CPU with gloo.
+"""The harness of the parallelism tests (test_tensor_parallel.py, test_pipeline_parallel.py and the memory tests):
+the split model against the single-process model (the oracle), on CPU with gloo.
 
-Processes are started twice per session (module fixtures `two` and `four`, 2 and 4 gloo processes; starting them
-costs more than the checks): each builds the same seeded tiny models, splits them every way under test, and
-returns what it computed (gathered logits, gradients, losses, updated weights, greedy tokens, stored bytes). The
-tests compute the same thing in this one process and compare. The 3-D mesh (8 processes) is a slow test.
+Processes are started twice per session (the fixtures `two` and `four`, 2 and 4 gloo processes, shared through
+conftest.py; starting them costs more than the checks): each builds the same seeded tiny models, splits them every
+way under test, and returns what it computed (gathered logits, gradients, losses, updated weights, greedy tokens,
+stored bytes). The tests compute the same thing in this one process and compare.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def shard_with_fsdp(model, mesh) -> None:
             module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
 
 
-def _pipeline_job(mesh, schedules, steps):
+def pipeline_job(mesh, schedules, steps):
     """pp 2, with tensor parallel and FSDP2 when the mesh has them; each data-parallel rank takes its rows."""
     from qwen15.parallel.layout import ParallelLayout
     from qwen15.parallel.pipeline import build_schedule, stage_modules
@@ -356,171 +357,6 @@ def _fsdp_tp_job(mesh, steps):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the spawned runs
-
-PROMPT = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
-NEW_TOKENS = 12
-PADS = [0, 3]
-ACT_ROWS, ACT_SEQ = 2, 64
-TRAIN_RUNS_2 = [("tied", "sgd"), ("gqa", "sgd"), ("mha", "adamw")]
-TRAIN_RUNS_4 = [("gqa", "sgd")]
-SCHEDULES = ["1F1B", "GPipe", "Interleaved1F1B"]
-STEPS = 3
-PIPE_STEPS = 2
-
-
-def generate_prompts() -> list[list[int]]:
-    return [PROMPT[0].tolist(), PROMPT[1, 3:].tolist()]  # different lengths: left padding
-
-
-def _two_ranks(rank, world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from qwen15.parallel.layout import ParallelLayout, build_mesh
-
-    tp_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
-    out = {"forward": _tp_forward_job(tp_mesh, list(CONFIGS)), "refusal": _tp_refusal_job(tp_mesh)}
-    out["train"] = {f"{n}/{o}": _tp_train_job(tp_mesh, n, STEPS, o) for n, o in TRAIN_RUNS_2}
-    out["inference"] = _inference_job(tp_mesh, ["tied", "gqa"])
-    out["activations"] = _activation_job(tp_mesh)
-    pp_mesh = build_mesh(ParallelLayout(pp=2, dp_shard=1), "cpu")
-    out["pipeline"] = _pipeline_job(pp_mesh, SCHEDULES, PIPE_STEPS)
-    return out
-
-
-def _four_ranks(rank, world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from qwen15.parallel.layout import ParallelLayout, build_mesh
-
-    tp_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
-    out = {"forward": _tp_forward_job(tp_mesh, list(CONFIGS)), "refusal": _tp_refusal_job(tp_mesh)}
-    out["train"] = {f"{n}/{o}": _tp_train_job(tp_mesh, n, STEPS, o) for n, o in TRAIN_RUNS_4}
-    out["pipeline"] = _pipeline_job(
-        build_mesh(ParallelLayout(pp=2, tp=2, dp_shard=1), "cpu"), ["1F1B"], PIPE_STEPS
-    )
-    fsdp_mesh = build_mesh(ParallelLayout(dp_shard=2, tp=2), "cpu")
-    out["fsdp"] = _fsdp_tp_job(fsdp_mesh, STEPS)
-    out["coords"] = {
-        "pp": 0,
-        "tp": fsdp_mesh["tp"].get_local_rank(),
-        "dp": fsdp_mesh.dp.get_local_rank(),
-    }
-    return out
-
-
-@pytest.fixture(scope="module")
-def two():
-    return spawn(_two_ranks, 2)
-
-
-@pytest.fixture(scope="module")
-def four():
-    return spawn(_four_ranks, 4)
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_oracles():
-    """The single-process computations the tests compare with run as in any process (test_train_helpers)."""
-    from test_train_helpers import deterministic
-
-    with deterministic():
-        yield
-
-
-@pytest.fixture(params=[2, 4], ids=["tp2", "tp4"])
-def tp_results(request):
-    return request.getfixturevalue({2: "two", 4: "four"}[request.param])
-
-
-# ---------------------------------------------------------------------------------------------- tests
-
-
-def _reference_forward(name):
-    model = model_for(CONFIGS[name])
-    b0, b1 = batch(0, documents=True), batch(1)
-    with torch.no_grad():
-        logits = model(b0["input_ids"])
-        packed = model(b0["input_ids"], document_ids=b0["document_ids"])
-    loss = F.cross_entropy(model(b1["input_ids"]).flatten(0, 1), b1["labels"].flatten(), ignore_index=-100)
-    loss.backward()
-    return logits, packed, loss.item(), {n: p.grad for n, p in model.named_parameters()}
-
-
-def test_tensor_parallel_logits_match_one_process(tp_results):
-    for name in CONFIGS:
-        ref, ref_packed, _, _ = _reference_forward(name)
-        for out in tp_results:
-            got = out["forward"]
-            for sp in (True, False):
-                assert (
-                    "Shard(dim=2)" in got[f"{name}/sp={sp}/split"]
-                )  # the logits stay split over the vocabulary
-                assert (got[f"{name}/sp={sp}/logits"] - ref).abs().max().item() <= 2e-5, (name, sp)
-                assert (got[f"{name}/sp={sp}/packed"] - ref_packed).abs().max().item() <= 2e-5, (name, sp)
-                assert (got[f"{name}/sp={sp}/last"] - ref[:, -1:]).abs().max().item() <= 2e-5, (name, sp)
-    ref = _reference_forward("mha")[0]
-    for out in tp_results:
-        assert (out["forward"]["mha/replicated-vocab/logits"] - ref).abs().max().item() <= 2e-5
-
-
-def test_vocab_parallel_loss_and_gradients_match_one_process(tp_results):
-    for name in CONFIGS:
-        _, _, ref_loss, ref_grads = _reference_forward(name)
-        for out in tp_results:
-            got = out["forward"]
-            assert got[f"{name}/loss"].item() == pytest.approx(ref_loss, abs=1e-5)
-            for n, g in ref_grads.items():
-                assert (got[f"{name}/grads"][n] - g).abs().max().item() <= 1e-5, (name, n)
-
-
-def test_fewer_kv_heads_than_ranks_is_refused(two, four):
-    assert two[0]["refusal"] == ""  # 2 kv heads over 2 ranks: one each
-    assert "num_key_value_heads 2 is not divisible by tp" in four[0]["refusal"]
-
-
-def test_tensor_parallel_training_matches_one_process(tp_results):
-    runs = TRAIN_RUNS_2 if len(tp_results) == 2 else TRAIN_RUNS_4
-    for name, optimizer in runs:
-        ref_losses, ref_params = reference_training(CONFIGS[name], STEPS, optimizer)
-        for out in tp_results:
-            got = out["train"][f"{name}/{optimizer}"]
-            assert got["losses"] == pytest.approx(ref_losses, abs=2e-5), name
-            # AdamW turns a gradient that is zero in exact arithmetic (the k bias: softmax ignores a constant
-            # shift) into +-lr steps from rounding noise, so its weights are compared more loosely.
-            assert_close_params(got["params"], ref_params, atol=2e-5 if optimizer == "sgd" else 4e-3)
-
-
-def _check_pipeline(results, schedules, reporting_ranks=None):
-    ref_losses, ref_params = reference_training(PIPE_CONFIG, PIPE_STEPS, "sgd", documents=True)
-    for schedule_name in schedules:
-        params, reporting = {}, 0
-        for out in results:
-            got = out["pipeline"][schedule_name]
-            params.update(got["params"])
-            if got["losses"]:
-                reporting += 1
-                assert got["losses"] == pytest.approx(ref_losses, abs=2e-5), schedule_name
-        assert reporting == (reporting_ranks or len(results) // 2)  # the ranks of the last stage
-        assert_close_params(params, ref_params, atol=3e-5)
-
-
-def test_pipeline_two_stages_each_schedule_matches_one_process(two):
-    _check_pipeline(two, SCHEDULES)
-
-
-def test_pipeline_with_tensor_parallel_matches_one_process(four):
-    _check_pipeline(four, ["1F1B"])
-
-
-def test_fsdp_with_tensor_parallel_matches_one_process(four):
-    ref_losses, ref_params = reference_training(CONFIGS["tied"], STEPS, "sgd")
-    for out in four:
-        assert out["fsdp"]["tied"]  # the 0.5B family's tied output layer stays one parameter
-        assert out["fsdp"]["losses"] == pytest.approx(ref_losses, abs=2e-5)
-        assert_close_params(out["fsdp"]["params"], ref_params, atol=2e-5)
-
-
 def greedy(model, prompt: torch.Tensor, new_tokens: int, pads: list[int] | None = None):
     """Prefill, then one token at a time through a KV cache; argmax each step. pads: left padding per row
     (masked out of attention, positions starting at each row's first real token)."""
@@ -552,106 +388,78 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pads: list[int] | None 
     return torch.stack(tokens, dim=1), cache
 
 
-def test_tensor_parallel_greedy_decoding_matches_one_process(two):
-    for name in ("tied", "gqa"):
-        model = model_for(CONFIGS[name]).eval()
-        with torch.no_grad():
-            ref, _ = greedy(model, PROMPT, NEW_TOKENS)
-            ref_padded, _ = greedy(model, PROMPT, NEW_TOKENS, pads=PADS)
-        for out in two:
-            got = out["inference"]
-            assert torch.equal(got[f"{name}/tokens"], ref), name
-            assert torch.equal(got[f"{name}/padded"], ref_padded), name
-            local_heads = CONFIGS[name].num_key_value_heads // 2
-            assert got[f"{name}/cache_heads"] == got[f"{name}/local_kv_heads"] == local_heads
+# ---------------------------------------------------------------------------------------------- the spawned runs
+
+PROMPT = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+NEW_TOKENS = 12
+PADS = [0, 3]
+ACT_ROWS, ACT_SEQ = 2, 64
+TRAIN_RUNS_2 = [("tied", "sgd"), ("gqa", "sgd"), ("mha", "adamw")]
+TRAIN_RUNS_4 = [("gqa", "sgd")]
+SCHEDULES = ["1F1B", "GPipe", "Interleaved1F1B"]
+STEPS = 3
+PIPE_STEPS = 2
 
 
-def test_generate_on_a_tensor_parallel_model(two):
-    """qwen15.generation's own loop (its preallocated cache of local_kv_heads heads) on a model split over 2
-    ranks gives the single-process greedy tokens; an exception in a worker fails the test with its traceback."""
-    from qwen15.generation import generate
-
-    for name in ("tied", "gqa"):
-        model = model_for(CONFIGS[name]).eval()
-        want = generate(
-            model, None, generate_prompts(), max_new_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[]
-        )
-        for rank, out in enumerate(two):
-            got = out["inference"]
-            if f"{name}/generate_error" in got:
-                pytest.fail(f"generate on rank {rank} ({name}) raised:\n{got[f'{name}/generate_error']}")
-            assert got[f"{name}/generate"] == [c.token_ids for c in want], (name, rank)
+def generate_prompts() -> list[list[int]]:
+    return [PROMPT[0].tolist(), PROMPT[1, 3:].tolist()]  # different lengths: left padding
 
 
-# ---------------------------------------------------------------------------------------------- memory accounting
+def _two_ranks(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
 
-
-def test_memory_estimate_is_exact_for_stored_bytes_under_fsdp_and_tp(four):
-    from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.memory import estimate_memory
-
-    est = estimate_memory(
-        CONFIGS["tied"],
-        ParallelLayout(dp_shard=2, tp=2),
-        micro_batch_size=2,
-        seq_len=16,
-        param_dtype="float32",
-        compute_dtype="float32",
-        optimizer="adamw",
-    )
-    for out in four:
-        got = out["fsdp"]
-        assert got["param_bytes"] == est.parameters
-        assert got["grad_bytes"] == est.gradients
-        assert got["optimizer_bytes"] == est.optimizer
-
-
-def test_memory_estimate_is_exact_for_pipeline_stage_parameters(two, four):
-    from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.memory import estimate_memory
-
-    for results, tp in ((two, 1), (four, 2)):
-        for rank, out in enumerate(results):
-            pp_rank = rank // tp
-            for schedule_name, got in out["pipeline"].items():
-                layout = ParallelLayout(pp=2, tp=tp, dp_shard=1, pp_schedule=schedule_name, pp_microbatches=4)
-                est = estimate_memory(
-                    PIPE_CONFIG,
-                    layout,
-                    micro_batch_size=1,
-                    seq_len=16,
-                    param_dtype="fp32",
-                    compute_dtype="fp32",
-                    pp_rank=pp_rank,
-                )
-                assert got["param_bytes"] == est.parameters, (schedule_name, rank)
-
-
-def test_memory_estimate_activations_under_tensor_parallel(two):
-    from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.memory import estimate_memory
-
-    est = estimate_memory(
-        CONFIGS["gqa"],
-        ParallelLayout(tp=2, dp_shard=1),
-        micro_batch_size=ACT_ROWS,
-        seq_len=ACT_SEQ,
-        param_dtype="fp32",
-        compute_dtype="fp32",
-    )
-    for out in two:
-        ratio = out["activations"] / est.activations
-        assert abs(ratio - 1) <= 0.05, f"measured / estimated activation bytes = {ratio:.3f}"
-
-
-def _three_dims(rank, world_size):
     from qwen15.parallel.layout import ParallelLayout, build_mesh
 
-    mesh = build_mesh(ParallelLayout(pp=2, dp_shard=2, tp=2), "cpu")
-    return {"pipeline": _pipeline_job(mesh, ["1F1B"], PIPE_STEPS)}
+    tp_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    out = {"forward": _tp_forward_job(tp_mesh, list(CONFIGS)), "refusal": _tp_refusal_job(tp_mesh)}
+    out["train"] = {f"{n}/{o}": _tp_train_job(tp_mesh, n, STEPS, o) for n, o in TRAIN_RUNS_2}
+    out["inference"] = _inference_job(tp_mesh, ["tied", "gqa"])
+    out["activations"] = _activation_job(tp_mesh)
+    pp_mesh = build_mesh(ParallelLayout(pp=2, dp_shard=1), "cpu")
+    out["pipeline"] = pipeline_job(pp_mesh, SCHEDULES, PIPE_STEPS)
+    return out
 
 
-@pytest.mark.slow
-def test_pipeline_fsdp_and_tensor_parallel_on_a_3d_mesh_match_one_process():
-    results = spawn(_three_dims, 8, timeout=400)
-    _check_pipeline(results, ["1F1B"], reporting_ranks=4)  # last stage: 2 data-parallel x 2 tensor-parallel
+def _four_ranks(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from qwen15.parallel.layout import ParallelLayout, build_mesh
+
+    tp_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    out = {"forward": _tp_forward_job(tp_mesh, list(CONFIGS)), "refusal": _tp_refusal_job(tp_mesh)}
+    out["train"] = {f"{n}/{o}": _tp_train_job(tp_mesh, n, STEPS, o) for n, o in TRAIN_RUNS_4}
+    out["pipeline"] = pipeline_job(
+        build_mesh(ParallelLayout(pp=2, tp=2, dp_shard=1), "cpu"), ["1F1B"], PIPE_STEPS
+    )
+    fsdp_mesh = build_mesh(ParallelLayout(dp_shard=2, tp=2), "cpu")
+    out["fsdp"] = _fsdp_tp_job(fsdp_mesh, STEPS)
+    out["coords"] = {
+        "pp": 0,
+        "tp": fsdp_mesh["tp"].get_local_rank(),
+        "dp": fsdp_mesh.dp.get_local_rank(),
+    }
+    return out
+
+
+@pytest.fixture(scope="session")
+def two():
+    return spawn(_two_ranks, 2)
+
+
+@pytest.fixture(scope="session")
+def four():
+    return spawn(_four_ranks, 4)
+
+
+@pytest.fixture(autouse=True)
+def deterministic_oracles():
+    """The single-process computations the tests compare with run as in any process (train_helpers)."""
+    from train_helpers import deterministic
+
+    with deterministic():
+        yield
+
+
+@pytest.fixture(params=[2, 4], ids=["tp2", "tp4"])
+def tp_results(request):
+    return request.getfixturevalue({2: "two", 4: "four"}[request.param])
