@@ -15,7 +15,7 @@ tiny random models with a 300-token byte-level BPE tokenizer, and small data fil
     The tiny recipe keeps its batch sizes.
   - `qwen15 demo` runs with `--quick` (the full demo takes minutes; test_demo.py runs the same stages).
   - placeholders DATASET, TOKENIZER_DIR and CKPT name stand-ins.
-  - `qwen15 serve` starts as a subprocess on a free port (the docs' --port is replaced, a GPU-sized
+  - `qwen15 serve` (also under torchrun) starts as a subprocess on a free port (the docs' --port is replaced, a GPU-sized
     --kv-cache-memory becomes 64MiB); it counts as run when its /v1/models answers; then it is stopped.
 docs/migrate.md is run by test_migrate_doc.py, on the MindSpore fixtures. Not run here: installation lines (.ci/run runs them on a fresh machine), `pytest` (this suite), and commands for
 several machines or SLURM (test_multinode.py runs the same torchrun flags as two launchers on 127.0.0.1).
@@ -221,19 +221,31 @@ def adapt(command: str) -> tuple[list[str], str | None]:
 
 
 def serve(words: list[str], cwd: Path) -> tuple[int, str]:
-    """`qwen15 serve`: started as a subprocess on a free port, asked for its models once it listens, stopped."""
+    """`qwen15 serve` (or `torchrun ... -m qwen15.cli serve`): started as a subprocess on a free port, asked for its
+    models once it listens (within 5 minutes), stopped."""
+    import threading
     import urllib.request
 
-    args = [w for i, w in enumerate(words[2:]) if w != "--port" and (i == 0 or words[2:][i - 1] != "--port")]
+    i = words.index("serve")
+    launcher = (
+        [sys.executable, "-m", "qwen15.cli"]
+        if words[0] == "qwen15"
+        else [sys.executable, "-m", "torch.distributed.run", *words[1:i]]
+    )
+    rest = words[i + 1 :]
+    args = [w for j, w in enumerate(rest) if w != "--port" and (j == 0 or rest[j - 1] != "--port")]
     if "--kv-cache-memory" in args:  # the docs size it for a GPU; here a stand-in model on CPU
         args[args.index("--kv-cache-memory") + 1] = "64MiB"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen15.cli", "serve", *args, "--port", "0"],
+        [*launcher, "serve", *args, "--port", "0"],
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
+    timer = threading.Timer(300, proc.kill)
+    timer.start()
     lines: list[str] = []
     try:
         for line in proc.stderr:
@@ -249,8 +261,9 @@ def serve(words: list[str], cwd: Path) -> tuple[int, str]:
                     answer = json.loads(r.read())
                 lines.append(f"GET /v1/models -> {[m['id'] for m in answer['data']]}\n")
                 return 0, "".join(lines)
-        return proc.wait(), "".join(lines)
+        return proc.wait() or 1, "".join(lines)
     finally:
+        timer.cancel()
         proc.terminate()
         try:
             proc.wait(timeout=60)
@@ -261,7 +274,7 @@ def serve(words: list[str], cwd: Path) -> tuple[int, str]:
 
 def run(words: list[str], stdin: str | None, cwd: Path) -> tuple[int, str]:
     """In this process for `qwen15 ...` (through qwen15.cli.main), as a subprocess for torchrun and serve."""
-    if words[:2] == ["qwen15", "serve"]:
+    if "serve" in words[:2] or words[:1] == ["torchrun"] and "serve" in words:
         return serve(words, cwd)
     if words[0] == "torchrun":
         proc = subprocess.run(
