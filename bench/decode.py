@@ -1,28 +1,41 @@
-"""Decode speed: qwen15's generate against transformers' generate, same random weights, same process.
+"""Decode speed: qwen15's generate against transformers' generate (and llama.cpp), same random weights, one run.
 
     python bench/decode.py                                  # qwen1.5-0.5b shape, batch 1 and 8, fp32 and bf16
     python bench/decode.py --preset qwen1.5-7b --device cuda --dtype bf16 --batch 1
-    python bench/decode.py --int8                           # adds our int8 weight-only rows
+    python bench/decode.py --dtype bf16 --int8 --int4 --llamacpp --prefill 512   # the CPU comparison of RESULTS.md
 
 Both models share one set of weight tensors (transformers' Qwen2ForCausalLM holds them; ours points at the same
-storage), so the comparison costs one model's memory. Each configuration runs the two engines alternately,
-`--repeat` times, and keeps the best times of each (on a shared machine the fastest run is the one least
-disturbed by other work; both engines get the same number of tries). Decode tokens/s = batch * (new_tokens - 1)
-/ (best time of a full generate - best time of a one-token generate), i.e. prefill excluded for both. "same greedy
-tokens": the share of positions where our greedy tokens equal transformers' (100% expected in fp32; bf16
-kernels may round differently, and one different token changes the rest of the row). Roofline: the weight bytes
-one decode step must read (every matrix once, the embedding row lookup aside) over the memory bandwidth
-measured here, in this run, by a large tensor copy (bytes read plus written over time, as ANCHORS.md quotes
-it). On CPU our bf16 rows prepack the weights for oneDNN (`--no-pack` to compare without).
+storage, then is prepared as the CLI prepares it: fused projections, then int8/int4 or oneDNN prepacking on CPU).
+Each configuration runs the engines alternately, `--repeat` rounds, and reports the median of the rounds. Decode
+tokens/s = batch * (new_tokens - 1) / (time of a full generate - time of a one-token generate), i.e. prefill
+excluded for both. "same greedy tokens": the share of positions where our greedy tokens equal transformers' (100%
+expected in fp32; bf16 kernels may round differently, and one different token changes the rest of the row).
+
+--llamacpp adds llama.cpp (bench/llamacpp.py: built once from the sources vendored in PyPI's llama-cpp-python, into
+a cache folder): the same random weights saved as a Hugging Face folder, converted to GGUF BF16 / Q8_0 by its
+convert_hf_to_gguf.py and to Q4_0 by its llama-quantize, timed by llama-bench with the same threads (`-n NEW` for
+decode, `-p PREFILL` for prefill), one llama-bench call per round between ours and transformers'. Its decode starts
+from an empty context, ours after the prompt: at these lengths attention is a few percent of a step.
+
+Roofline: the weight bytes one decode step must read (every matrix once, the embedding row lookup aside; for
+llama.cpp the GGUF file, whose tied token table is its output matrix) over the memory bandwidth measured here, in
+this run, by a large tensor copy (bytes read plus written over time, as ANCHORS.md quotes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+LLAMA_TYPE = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+LLAMA_LABEL = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 
 
 def hf_config_dict(cfg) -> dict:
@@ -57,6 +70,16 @@ def ours_sharing(hf, cfg):
     return ours.eval()
 
 
+def prepare(ours, weights: str, pack: bool):
+    """As the CLI prepares a model: fused projections, then int8/int4, or oneDNN prepacking of bf16/fp32 on CPU."""
+    from qwen15.quantize import pack_for_cpu, quantize
+
+    ours.fuse_projections()
+    if weights in ("int8", "int4"):
+        return quantize(ours, weights)
+    return pack_for_cpu(ours) if pack else ours
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,41 +108,87 @@ def weight_bytes_per_step(model) -> int:
     seen, total = set(), 0
     for module in (model.layers, model.norm, model.lm_head):
         for t in list(module.parameters()) + list(module.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
+            key = id(t) if t.is_mkldnn else (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total
 
 
-def generate_times(run, n: int, device) -> tuple[float, float]:
-    """Seconds of a generate of n tokens and of a single token (the prefill and first pick)."""
-    times = []
-    for k in (n, 1):
-        sync(device)
-        t = time.perf_counter()
-        run(k)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times[0], times[1]
+def timed(run, k: int, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    run(k)
+    sync(device)
+    return time.perf_counter() - t
 
 
-def decode_seconds(samples: list[tuple[float, float]]) -> float:
-    """Time of n - 1 decode steps: the best full generate minus the best one-token generate (taking each best
-    separately keeps one disturbed short run from making the difference meaningless)."""
-    return min(f for f, _ in samples) - min(p for _, p in samples)
+def median_rate(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+class LlamaCpp:
+    """llama.cpp on the bench's own random weights: GGUF files made once per preset in the cache folder."""
+
+    def __init__(self, cfg, preset: str, tokenizer_dir: Path, threads: int):
+        import transformers
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import llamacpp
+
+        self.mod = llamacpp
+        self.threads = threads
+        llamacpp.build()
+        self.work = llamacpp.cache_dir() / "models" / f"{preset}-seed0-transformers{transformers.__version__}"
+        hf_dir = self.work / "hf"
+        if not (hf_dir / "config.json").exists():
+            if not (tokenizer_dir / "vocab.json").is_file():
+                raise SystemExit(
+                    f"--llamacpp: no tokenizer in {tokenizer_dir} (convert_hf_to_gguf needs one); --tokenizer DIR"
+                )
+            self.work.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.work))
+            hf_model(cfg, torch.bfloat16, "cpu").save_pretrained(
+                tmp
+            )  # the weights of the bf16/int8/int4 rows
+            for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+                if (tokenizer_dir / name).is_file():
+                    (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
+            os.replace(tmp, hf_dir)
+        self.hf_dir = hf_dir
+
+    def gguf(self, kind: str) -> Path:
+        return self.mod.convert(self.hf_dir, kind, self.work)
+
+    def rates(self, kind: str, prompt_len: int, new_tokens: int) -> dict:
+        return self.mod.bench(self.gguf(kind), self.threads, prompt_len, new_tokens, 1)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen1.5-0.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtype", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="rounds per configuration (median reported)")
+    p.add_argument("--int8", action="store_true", help="add our int8 weight-only rows (bf16 activations)")
+    p.add_argument("--int4", action="store_true", help="add our int4 weight-only rows (bf16 activations)")
     p.add_argument(
-        "--int8", action="store_true", help="add our int8 weight-only rows (against the same reference)"
+        "--llamacpp",
+        action="store_true",
+        help="add llama.cpp (BF16, Q8_0, Q4_0) at batch 1 (bench/llamacpp.py)",
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time a prompt of N tokens, batch 1 (0: skip)",
+    )
+    p.add_argument(
+        "--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared/tokenizer/qwen1.5")
     )
     p.add_argument(
         "--no-reference", action="store_true", help="skip transformers (e.g. 7B compiled on GPU only)"
@@ -132,6 +201,7 @@ def main(argv=None) -> int:
 
     from qwen15.config import get_preset
     from qwen15.generation import Generator
+    from qwen15.quantize import describe
     from qwen15.sampling import SamplingParams
 
     if args.threads:
@@ -144,44 +214,40 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(
         f"# decode bench: {args.preset}, {machine}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, best of "
-        f"{args.repeat}; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s",
+        f"{transformers.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
+        f"{args.repeat} rounds; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s{load}",
         flush=True,
     )
-    print(
-        "| weights | batch | transformers tok/s | qwen15 tok/s | ratio | qwen15 share of roofline "
-        "| same greedy tokens |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    rows = [(d, b, False) for d in args.dtype for b in args.batch]
-    if args.int8:
-        rows += [("bf16", b, True) for b in args.batch]
+    rows = [(d, b) for d in args.dtype for b in args.batch]
+    rows += [(w, b) for w, on in (("int8", args.int8), ("int4", args.int4)) if on for b in args.batch]
+    llama = None
+    header = "| weights | batch | transformers tok/s | qwen15 tok/s | vs transformers |"
+    if args.llamacpp:
+        header += " llama.cpp tok/s | vs llama.cpp | llama.cpp share of roofline |"
+    header += " qwen15 share of roofline | same greedy tokens | qwen15 format |"
+    lines = [header, "|" + " --- |" * header.count(" |")]
+    print(*lines, sep="\n", flush=True)
+    prefill_lines = []
     current, hf, ours = None, None, None
-    for dname, batch, int8 in rows:
-        dtype = dtypes[dname]
-        if current != (dname, int8):
+    greedy = SamplingParams()
+    for weights, batch in rows:
+        dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+        if current != weights:
             hf = ours = None
             hf = hf_model(cfg, dtype, device)
-            ours = ours_sharing(hf, cfg).fuse_projections()  # as the CLI runs it
-            if int8:
-                from qwen15.quantize import quantize_int8
-
-                ours = quantize_int8(ours)
-            elif not args.no_pack:
-                from qwen15.quantize import pack_for_cpu
-
-                ours = pack_for_cpu(ours)  # bf16 on CPU only; a no-op otherwise
-            current = (dname, int8)
+            if args.llamacpp and llama is None:
+                llama = LlamaCpp(cfg, args.preset, Path(args.tokenizer), torch.get_num_threads())
+            ours = prepare(ours_sharing(hf, cfg), weights, not args.no_pack)
+            current = weights
         gen = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, 151000, (batch, args.prompt_len), generator=gen)
         engine = Generator(ours, None)
-        greedy = SamplingParams()
         n = args.new_tokens
 
-        def run_ours(k, engine=engine, prompt=prompt, greedy=greedy):
+        def run_ours(k, engine=engine, prompt=prompt):
             outs = engine.generate(prompt.tolist(), max_new_tokens=k, sampling=greedy, stop_token_ids=[])
             return [o.token_ids for o in outs]
 
@@ -205,23 +271,72 @@ def main(argv=None) -> int:
             ref_tokens = run_hf(n)
             agree = sum(a == b for r, o in zip(ref_tokens, ours_tokens) for a, b in zip(r, o))
             same = f"{agree / (batch * n):.0%}"
-        ours_t, hf_t = [], []
-        for _ in range(args.repeat):
-            ours_t.append(generate_times(run_ours, n, device))
-            if not args.no_reference:
-                hf_t.append(generate_times(run_hf, n, device))
+        kind = LLAMA_TYPE.get(weights) if llama is not None and batch == 1 else None
         tokens = batch * (n - 1)
-        ours_rate = tokens / decode_seconds(ours_t)
-        hf_rate = tokens / decode_seconds(hf_t) if hf_t else float("nan")
+        ours_r, hf_r, ll_r = [], [], []
+        for _ in range(args.repeat):
+            ours_r.append(tokens / (timed(run_ours, n, device) - timed(run_ours, 1, device)))
+            if not args.no_reference:
+                hf_r.append(tokens / (timed(run_hf, n, device) - timed(run_hf, 1, device)))
+            if kind:
+                ll_r.append(llama.rates(kind, 0, n)["decode"])
+        ours_rate, hf_rate = median_rate(ours_r), median_rate(hf_r)
         roofline = bw / weight_bytes_per_step(ours) * batch
-        label = "int8 weights, bf16 act." if int8 else dname
-        vs = " (vs transformers bf16)" if int8 else ""
-        print(
-            f"| {label} | {batch} | {hf_rate:.1f} | {ours_rate:.1f} | {ours_rate / hf_rate:.2f}x{vs} | "
-            f"{ours_rate / roofline:.0%} of {roofline:.0f} | {same} |",
-            flush=True,
-        )
+        label = f"{weights} weights, bf16 act." if weights in ("int8", "int4") else weights
+        vs = " (vs transformers bf16)" if weights in ("int8", "int4") else ""
+        cells = [label, str(batch), f"{hf_rate:.1f}", f"{ours_rate:.1f}", f"{ours_rate / hf_rate:.2f}x{vs}"]
+        if args.llamacpp:
+            if kind:
+                ll_rate = median_rate(ll_r)
+                ll_roof = bw / llama.gguf(kind).stat().st_size
+                cells += [
+                    f"{ll_rate:.1f} ({LLAMA_LABEL[kind]})",
+                    f"{ours_rate / ll_rate:.2f}x",
+                    f"{ll_rate / ll_roof:.0%} of {ll_roof:.0f}",
+                ]
+            else:
+                cells += ["-", "-", "-"]
+        cells += [f"{ours_rate / roofline:.0%} of {roofline:.0f}", same, describe(ours)]
+        print("| " + " | ".join(cells) + " |", flush=True)
+        if args.prefill and batch == min(args.batch):
+            prefill_lines.append(prefill_row(args, weights, ours, hf, llama, device))
+    if prefill_lines:
+        print(f"\nprefill, {args.prefill} tokens, batch 1 (tok/s, median of {args.repeat} rounds):")
+        head = "| weights | transformers | qwen15 | vs transformers |"
+        head += " llama.cpp | vs llama.cpp |" if args.llamacpp else ""
+        print(head, "|" + " --- |" * head.count(" |"), *prefill_lines, sep="\n", flush=True)
     return 0
+
+
+def prefill_row(args, weights, ours, hf, llama, device) -> str:
+    from qwen15.generation import Generator
+    from qwen15.sampling import SamplingParams
+
+    prompt = torch.randint(0, 151000, (1, args.prefill), generator=torch.Generator().manual_seed(7))
+    engine = Generator(ours, None)
+
+    def run_ours(k):
+        engine.generate(prompt.tolist(), max_new_tokens=k, sampling=SamplingParams(), stop_token_ids=[])
+
+    def run_hf(k):
+        with torch.inference_mode():
+            hf(input_ids=prompt.to(device), logits_to_keep=1)
+
+    kind = LLAMA_TYPE.get(weights) if llama is not None else None
+    run_ours(1)
+    ours_r, hf_r, ll_r = [], [], []
+    for _ in range(args.repeat):
+        ours_r.append(args.prefill / timed(run_ours, 1, device))
+        if not args.no_reference:
+            hf_r.append(args.prefill / timed(run_hf, 1, device))
+        if kind:
+            ll_r.append(llama.rates(kind, args.prefill, 0)["prefill"])
+    o, h = median_rate(ours_r), median_rate(hf_r)
+    cells = [weights, f"{h:.0f}", f"{o:.0f}", f"{o / h:.2f}x"]
+    if args.llamacpp:
+        ll = median_rate(ll_r) if kind else float("nan")
+        cells += [f"{ll:.0f}", f"{o / ll:.2f}x"] if kind else ["-", "-"]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

@@ -414,6 +414,8 @@ def _local_kv_heads(model: Qwen) -> int:
     attn = next(iter(layers.values())).self_attn
     if attn.qkv_sizes is not None:  # fused projections (never tensor-parallel)
         return attn.qkv_sizes[1] // model.config.head_dim
+    if not isinstance(attn.k_proj, torch.nn.Linear):  # a quantized or packed module: never tensor-parallel
+        return attn.k_proj.out_features // model.config.head_dim
     weight = attn.k_proj.weight
     if hasattr(weight, "to_local"):  # a DTensor shard
         weight = weight.to_local()

@@ -165,7 +165,10 @@ class MLP(nn.Module):
 
 @torch.no_grad()
 def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of the given ones' outputs."""
+    """One nn.Linear whose output is the concatenation of the given ones' outputs. Other module types (swapped in
+    from outside, e.g. quantized ones) concatenate themselves through their `concat` classmethod."""
+    if not isinstance(linears[0], nn.Linear):
+        return type(linears[0]).concat(linears)
     w = linears[0].weight
     has_bias = linears[0].bias is not None
     fused = nn.Linear(

@@ -32,9 +32,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="int8: weight-only int8 (half of bf16's memory)",
+        help="int8 / int4: weight-only int8 (half of bf16's memory) or int4 in groups of 64 columns (about a "
+        "quarter); activations bf16 unless --dtype fp32. A folder written by `qwen15 convert --quantize` loads "
+        "as it is stored",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for the matrix products (default: torch's choice, one per core)",
     )
     g.add_argument(
         "--compile",
@@ -81,7 +89,7 @@ def _load_tensor_parallel(args: argparse.Namespace, device: str, dtype):
 
     if args.quantize != "none":
         raise UserError(
-            "--quantize int8 does not combine with tensor parallel (torchrun); use one or the other"
+            f"--quantize {args.quantize} does not combine with tensor parallel (torchrun); use one or the other"
         )
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     mesh = init_inference_mesh(device_type)
@@ -118,26 +126,45 @@ def load_model(args: argparse.Namespace):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available here; use --device cpu")
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: give a positive number")
+        torch.set_num_threads(args.threads)
     t = time.perf_counter()
     note = ""
-    if tensor_parallel_world() > 1:
+    from qwen15.quantize import describe, quantization_of
+
+    stored = quantization_of(args.model) if tensor_parallel_world() == 1 else None
+    if stored is not None:  # a folder of `qwen15 convert --quantize`: load its int8/int4 tensors as they are
+        from qwen15.quantize import load_quantized
+
+        if args.quantize not in ("none", stored.get("weights")):
+            raise UserError(
+                f"--quantize {args.quantize}: {args.model} holds {stored.get('weights')} weights already; drop "
+                "--quantize, or convert the unquantized checkpoint"
+            )
+        model = load_quantized(args.model, device=device, dtype=dtype)
+    elif tensor_parallel_world() > 1:
         model, note = _load_tensor_parallel(args, device, dtype)
     else:
+        if args.quantize != "none" and dtype is None:
+            dtype = torch.bfloat16  # quantized weights, bf16 activations unless --dtype says otherwise
         model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     if tensor_parallel_world() == 1:  # a split model is neither fused, quantized nor packed
         model.fuse_projections()  # fewer, larger matrix products per decode step; the same outputs
-        if args.quantize == "int8":
-            from qwen15.quantize import quantize_int8
+        if stored is None and args.quantize != "none":
+            from qwen15.quantize import quantize
 
-            quantize_int8(model)
-            note = ", int8 weights"
-        else:
+            quantize(model, args.quantize)
+        elif stored is None:
             from qwen15.quantize import can_pack_for_cpu, pack_for_cpu
 
             if can_pack_for_cpu(model):  # CPU: faster matrix-vector products (bf16 exact, fp32 to rounding)
                 pack_for_cpu(model)
-                note = ", oneDNN-packed"
+        note = f"; {describe(model)}"
+        if device == "cpu":
+            note += f"; {torch.get_num_threads()} threads"
     print(
         f"loaded {args.model} on {device} ({next(model.parameters()).dtype}{note}) in "
         f"{time.perf_counter() - t:.1f}s",
