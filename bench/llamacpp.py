@@ -31,9 +31,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QWEN15_BENCH_CACHE", Path.home() / ".cache" / "qwen15-bench")) / "llamacpp"
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], quiet: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run a command (echoed); quiet: keep its output unless it fails."""
     print("+", " ".join(map(str, cmd)), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, check=True, **kw)
+    if not quiet:
+        return subprocess.run(cmd, check=True, **kw)
+    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise subprocess.CalledProcessError(done.returncode, cmd)
+    return done
 
 
 def source_dir() -> Path:
@@ -93,30 +100,26 @@ def build() -> Path:
 
 
 def convert(hf_dir: Path, kind: str, work: Path) -> Path:
-    """GGUF file of hf_dir in bf16, q8_0 (convert_hf_to_gguf.py) or q4_0 (llama-quantize of the bf16 file)."""
+    """GGUF file of hf_dir in bf16, q8_0 (convert_hf_to_gguf.py) or q4_0 (llama-quantize of the bf16 file), made
+    once (written beside the target and renamed)."""
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"model-{kind}.gguf"
     if path.exists():
         return path
     src = source_dir()
+    tmp = path.with_suffix(".partial")
     if kind == "q4_0":
         bf16 = convert(hf_dir, "bf16", work)
-        _run([str(build() / "llama-quantize"), str(bf16), str(path), "Q4_0"], stdout=subprocess.DEVNULL)
-        return path
-    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
-    _run(
-        [
-            sys.executable,
-            str(src / "convert_hf_to_gguf.py"),
-            str(hf_dir),
-            "--outtype",
-            kind,
-            "--outfile",
-            str(path),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+        _run([str(build() / "llama-quantize"), str(bf16), str(tmp), "Q4_0"], quiet=True)
+    else:
+        script = str(src / "convert_hf_to_gguf.py")
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        _run(
+            [sys.executable, script, str(hf_dir), "--outtype", kind, "--outfile", str(tmp)],
+            quiet=True,
+            env=env,
+        )
+    os.replace(tmp, path)
     return path
 
 
