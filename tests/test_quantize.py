@@ -161,11 +161,22 @@ def test_int4_pack_round_trip_and_error_within_half_a_step(k):
     assert ((deq - w).abs() <= step * 0.5 + step * 15 * 2**-8 + 1e-6).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply: each row in blocks of 64 columns as int8 * (max |x| / 127), computed with the
+    same fp32 operations (x * (127 / max), rounded to nearest even), then dequantized."""
+    blocks = x.float().unflatten(-1, (-1, 64))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).flatten(-2)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20])  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
-@pytest.mark.parametrize("shape", [(100, 352), (64, 1024)])
-def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape):
+@pytest.mark.parametrize("shape", [(100, 384), (37, 1024)])
+def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape, group):
+    """The decode kernels compute exactly dequant(w) @ quantized activations (up to fp32 summation order); the
+    prefill path computes dequant(w) @ x with one dense product."""
     from qwen15.quantize import Int4Linear
     from qwen15.quantize.int8 import PREFILL_ROWS
 
@@ -176,20 +187,17 @@ def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
         lin.bias.copy_(torch.randn(n, generator=g))
-    q = Int8Linear.from_linear(lin) if bits == 8 else Int4Linear.from_linear(lin, 64)
-    assert q.kernel
+    q = Int8Linear.from_linear(lin) if bits == 8 else Int4Linear.from_linear(lin, group)
+    assert q.kernel and getattr(q, "group_size", None) == group
     x = torch.randn(2, rows, k, generator=g).to(dtype)
-    w = q.dequantize(torch.float32)
-    dense = (
-        2 * rows >= PREFILL_ROWS
-    )  # the dense product keeps fp32 activations; the int4 kernel takes bf16 ones
-    xin = x.float() if bits == 8 or dense and dtype == torch.float32 else x.to(torch.bfloat16).float()
-    ref = xin @ w.T + lin.bias.float()
+    dense = 2 * rows >= PREFILL_ROWS
+    w = q.dequantize(dtype if dense else torch.float32).double()
+    ref = (x.double() if dense else quantized_activations(x).double()) @ w.T + lin.bias.double()
     out = q(x)
     assert out.dtype == dtype and out.shape == (2, rows, n)
-    # fp32: summation order only; bf16: the output's rounding (and, past PREFILL_ROWS, the bf16 weights)
-    tol = 2e-5 if dtype == torch.float32 else 8e-3
-    assert (out.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    # fp32: summation order only; bf16: the output's rounding
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -205,8 +213,8 @@ def test_torch_fallback_equals_the_kernel(bits):
     x = torch.randn(1, 3, 256, generator=g).to(torch.bfloat16)
     fast = q(x)
     q.kernel = False
-    slow = q(x)
-    assert (fast.float() - slow.float()).abs().max().item() <= 0.02 * slow.float().abs().max().item()
+    slow = q(x)  # weight-only: the activations are not quantized, so the two differ by that rounding
+    assert (fast.float() - slow.float()).abs().max().item() <= 0.03 * slow.float().abs().max().item()
 
 
 def test_kernels_share_torchs_openmp_runtime():
@@ -281,7 +289,7 @@ def test_describe_names_the_format_and_kernel():
         )
     note = describe(quantize(bf16, "int4"))
     assert note.startswith("int4 weights (group 64), output layer int4, bf16 activations")
-    kernel = "AVX-512 kernel" if kernels.library() is not None else "torch dequantize"
+    kernel = "AVX-512 VNNI kernel for" if kernels.library() is not None else "torch dequantize"  # 352 columns
     assert kernel in note, (note, can_pack)
 
 

@@ -68,21 +68,28 @@ def _measure(model, held):
     ],
 )
 def test_quantized_perplexity_and_greedy_tokens_stay_close_to_bf16(
-    trained, method, options, max_ppl_change, min_agreement
+    trained, method, options, max_ppl_change, min_agreement, monkeypatch
 ):
-    from qwen15.quantize import quantize
+    """Perplexity twice: as a prompt runs (dequantized weights, one dense product) and as decode runs (the kernels,
+    activations quantized to int8 per 64 columns), forced for every row count; greedy tokens run the decode path."""
+    from qwen15.quantize import int4, int8, kernels, quantize
 
     bf16, held = trained
     ref_ppl, ref_tokens = _measure(bf16, held)
     q = quantize(copy.deepcopy(bf16), method, **options)
     ppl, tokens = _measure(q, held)
+    kernel_ppl = ppl
+    if kernels.library() is not None:
+        for module in (int8, int4):
+            monkeypatch.setattr(module, "PREFILL_ROWS", 10**9)
+        kernel_ppl = perplexity(q, held[:4096], seq_length=128, stride=128, progress=False).perplexity
     agree = sum(a == b for r, o in zip(ref_tokens, tokens) for a, b in zip(r, o)) / (8 * 32)
-    change = ppl / ref_ppl - 1
+    change, kernel_change = ppl / ref_ppl - 1, kernel_ppl / ref_ppl - 1
     print(
-        f"{method} {options}: perplexity {ppl:.3f} vs bf16 {ref_ppl:.3f} ({change:+.2%}), greedy tokens equal "
-        f"{agree:.0%}"
+        f"{method} {options}: perplexity {ppl:.3f} (dense) / {kernel_ppl:.3f} (kernels) vs bf16 {ref_ppl:.3f} "
+        f"({change:+.2%} / {kernel_change:+.2%}), greedy tokens equal {agree:.0%}"
     )
     assert ref_ppl < 400  # the model learned something (a uniform guess is 2048)
-    assert abs(change) <= max_ppl_change
+    assert abs(change) <= max_ppl_change and abs(kernel_change) <= max_ppl_change
     assert agree >= min_agreement
     assert sum(r[0] == o[0] for r, o in zip(ref_tokens, tokens)) >= 7  # first tokens: 7 of 8 at least

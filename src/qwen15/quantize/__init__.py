@@ -66,13 +66,15 @@ def describe(model: nn.Module) -> str:
         group = f" (group {q4[0].group_size})" if q4 else ""
         head = model.lm_head
         out = "int4" if isinstance(head, Int4Linear) else "int8" if isinstance(head, Int8Linear) else act
-        fast = all(m.kernel for m in q4 + q8)
-        if fast:
-            kernel = "AVX-512 kernel"
+        fast = sum(m.kernel for m in q4 + q8)
+        fallback = "torch dequantize + matmul" if q4 else "torch _weight_int8pack_mm"
+        if fast == len(q4 + q8):
+            kernel = "AVX-512 VNNI kernel"
+        elif fast:
+            kernel = f"AVX-512 VNNI kernel for {fast} of {len(q4 + q8)} matrices ({fallback} where the width is not a multiple of {128 if q4 else 64})"
         else:
             why = kernels.unavailable_reason()
-            fallback = "torch dequantize + matmul" if q4 else "torch _weight_int8pack_mm"
-            kernel = f"{fallback}" + (f"; AVX-512 kernel unavailable: {why}" if why else "")
+            kernel = fallback + (f"; AVX-512 kernel unavailable: {why}" if why else "")
         return f"{blocks} weights{group}, output layer {out}, {act} activations, {kernel}"
     packed = any(isinstance(m, PackedLinear) for m in mods)
     return f"{act} weights" + (", oneDNN-packed" if packed else "")

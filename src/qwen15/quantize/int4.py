@@ -1,12 +1,14 @@
 """Weight-only int4, group-wise: w = q * scale + min per group of `group_size` columns, q in 0..15 (asymmetric).
 
-Storage per matrix [N, K]: `qweight` uint8 [N, K/2] (two columns per byte, in the nibble order of cpu_kernels.c:
-byte j of each 64-column chunk holds columns j and j + 32, a last 32-column chunk holds j and j + 16), `scales`
-and `mins` bf16 [N, K / group_size]. Group 64 costs 4.5 bits per weight (llama.cpp's Q4_0 also 4.5, Q4_1 5).
-Scale and min are rounded to bf16 before the weights are rounded to them, so q is the best code for what is stored.
+Storage per matrix [N, K]: `qweight` uint8 [N, K/2], two columns per byte in the order of cpu_kernels.c (byte j of
+each chunk of 128 columns holds columns j and j + 64; a last, shorter chunk of c columns holds j and j + c/2),
+`scales` and `mins` bf16 [N, K / group_size]. Group 64 costs 4.5 bits per weight (llama.cpp's Q4_0: 4.5 at group
+32, without a minimum). Scale and min are rounded to bf16 before the weights are rounded to them, so q is the best
+code for what is stored.
 
-Compute as int8.py: the AVX-512 kernel for a few rows, dequantize + one dense product for long prompts; without
-the kernels (another CPU, no compiler, CUDA) the matrix is dequantized on every call (correct, not fast).
+Compute as int8.py: the AVX-512 kernel for a few rows (activations quantized to int8 per 64 columns there), and a
+dequantized matrix + one dense product for long prompts; without the kernels (another CPU, no compiler, CUDA) or
+where K is not a multiple of 128 the matrix is dequantized on every call (correct, not fast).
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from qwen15.quantize.int8 import PREFILL_ROWS, _swap_linears, use_kernels
 DEFAULT_GROUP = 64
 
 
+GROUPS = (32, 64, 128)
+
+
 def group_for(k: int, group_size: int) -> int:
     """The group size used for K columns: group_size when it divides K, else the largest smaller one of 64, 32
-    that does (Qwen shapes are multiples of 64; tiny test shapes may be multiples of 32 only)."""
-    for g in (group_size, 64, 32):
-        if g <= group_size and k % g == 0 and (g == 32 or g % 64 == 0):
+    that does (Qwen shapes are multiples of 128; tiny test shapes may be multiples of 32 only)."""
+    if group_size not in GROUPS:
+        raise ValueError(f"int4 group size must be one of {GROUPS}, got {group_size}")
+    for g in GROUPS[::-1]:
+        if g <= group_size and k % g == 0:
             return g
     raise ValueError(f"int4 needs the input width to be a multiple of 32; got {k}")
 
@@ -41,33 +48,24 @@ def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.to(torch.uint8).view(n, k), scales, mins
 
 
+def _chunks(k: int) -> list[int]:
+    """Widths of the packing chunks of K columns: 128 each, then the remainder (a multiple of 32)."""
+    return [128] * (k // 128) + ([k % 128] if k % 128 else [])
+
+
 def pack(q: torch.Tensor) -> torch.Tensor:
     """Codes uint8 [N, K] -> packed uint8 [N, K/2] in the kernel's nibble order."""
-    n, k = q.shape
-    full = k // 64 * 64
     parts = []
-    if full:
-        c = q[:, :full].reshape(n, -1, 2, 32)
-        parts.append((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, -1))
-    if full < k:
-        t = q[:, full:].reshape(n, 2, 16)
-        parts.append(t[:, 0] | (t[:, 1] << 4))
+    for c in q.split(_chunks(q.shape[1]), dim=1):
+        lo, hi = c.chunk(2, dim=1)
+        parts.append(lo | (hi << 4))
     return torch.cat(parts, 1).contiguous()
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """Packed uint8 [..., K/2] -> codes uint8 [..., K] (the inverse of `pack`)."""
-    half = packed.shape[-1]
-    k = half * 2
-    full = k // 64 * 64
-    parts = []
-    if full:
-        c = packed[..., : full // 2].unflatten(-1, (-1, 32))
-        parts.append(torch.stack([c & 15, c >> 4], -2).flatten(-3))
-    if full < k:
-        t = packed[..., full // 2 :]
-        parts.append(torch.cat([t & 15, t >> 4], -1))
-    return torch.cat(parts, -1)
+    widths = [w // 2 for w in _chunks(packed.shape[-1] * 2)]
+    return torch.cat([torch.cat([b & 15, b >> 4], -1) for b in packed.split(widths, dim=-1)], -1)
 
 
 def dequantize_rows(packed, scales, mins, dtype: torch.dtype) -> torch.Tensor:
@@ -101,7 +99,7 @@ class Int4Linear(nn.Module):
         self._setup()
 
     def _setup(self) -> None:
-        self.kernel = use_kernels(self.qweight, self.in_features, 32)
+        self.kernel = use_kernels(self.qweight, self.in_features, 128)
         self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
 
     @classmethod

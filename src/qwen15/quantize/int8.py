@@ -1,7 +1,8 @@
 """Weight-only int8: every matrix as int8 with one fp32 scale per output row (symmetric, absmax).
 
-Activations stay in the model's dtype. On CPU with the AVX-512 kernels (`kernels.py`) a product of a few rows
-(decode) reads the int8 weights once and dequantizes them in registers; a long prompt (>= PREFILL_ROWS rows)
+Activations stay in the model's dtype between layers. On CPU with the AVX-512 kernels (`kernels.py`) a product of
+a few rows (decode) reads the int8 weights once and multiplies them with the activations quantized to int8 per
+block of 64 columns on the fly (VNNI int8 dot products, as llama.cpp's Q8_0); a long prompt (>= PREFILL_ROWS rows)
 dequantizes the matrix to the activations' dtype once and runs one dense product (oneDNN), which is compute-bound
 there anyway. Without the kernels, CPU falls back to torch's `aten._weight_int8pack_mm` (fp32 compute-bound)
 and other devices to `linear(x, w.to(x.dtype)) * scale`. The embedding table is quantized the same way (rows
@@ -46,7 +47,7 @@ class Int8Linear(nn.Module):
         self._setup()
 
     def _setup(self) -> None:
-        self.kernel = use_kernels(self.weight, self.in_features, 16)
+        self.kernel = use_kernels(self.weight, self.in_features, 64)
         # what each path reads besides the weight: fp32 bias for the kernel, scales in the activation dtype
         # for torch's fallback (which wants them so)
         self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()

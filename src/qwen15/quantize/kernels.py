@@ -1,16 +1,17 @@
-"""The AVX-512 weight-only int8/int4 CPU kernels (cpu_kernels.c): built once with the system C compiler, loaded
-with ctypes, called on torch tensors.
+"""The AVX-512 VNNI int8/int4 CPU kernels (cpu_kernels.c): built once with the system C compiler, loaded with
+ctypes, called on torch tensors.
 
-Why our own kernel: PyTorch's weight-only CPU kernels convert each weight to fp32 in a compute-bound loop
-(`_weight_int8pack_mm` ~6.5 G weights/s per core here), so a batch-1 decode step cannot reach the bandwidth that
-int8 or int4 weights would allow (bench/RESULTS.md has the comparison of candidates).
+Why our own kernel: PyTorch's weight-only CPU kernels dequantize each weight to fp32 and multiply in fp32, which is
+compute-bound on two cores, so a batch-1 decode step cannot reach the bandwidth that int8 or int4 weights would
+allow; these multiply int8 by int8 (VNNI), with the activations quantized per block of 64 columns on the fly
+(bench/RESULTS.md has the comparison of candidates).
 
-Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16` on one C file with no headers but
-the compiler's own, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a hash of
-the source, flags and compiler; built beside the target and renamed, so concurrent first runs are safe. Needs
-only a C compiler (gcc >= 10 or clang >= 9) on Linux x86-64 with the AVX-512 BF16 instructions. Without either, or
-with QWEN15_CPU_KERNELS=0, `library()` returns None and the quantized modules fall back to torch's kernels;
-`unavailable_reason()` says why.
+Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni` on one C file that includes only
+the compiler's own headers, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a
+hash of the source, flags and compiler version; built beside the target and renamed, so concurrent first runs are
+safe. Needs only a C compiler (gcc >= 8 or clang >= 6) on Linux x86-64 with AVX-512 VNNI (Intel Ice Lake / Sapphire
+Rapids and later, AMD Zen 4 and later). Without either, or with QWEN15_CPU_KERNELS=0, `library()` returns None and
+the quantized modules fall back to torch's kernels; `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
-ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")
+ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -138,7 +139,8 @@ def _flag(t: torch.Tensor) -> int:
 def int8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp32, contiguous) @ (q int8 [N, K] * scale fp32 [N]).T + bias fp32 -> [M, N] out_dtype."""
+    """x [M, K] (bf16/fp32, contiguous; K a multiple of 64) @ (q int8 [N, K] * scale fp32 [N]).T + bias fp32
+    -> [M, N] out_dtype."""
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
@@ -157,7 +159,8 @@ def int4_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """x [M, K] @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias -> [M, N] out_dtype."""
+    """x [M, K] (K a multiple of 128) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
+    -> [M, N] out_dtype; group 32, 64 or 128."""
     m, k = x.shape
     n = q.shape[0]
     y = torch.empty(m, n, dtype=out_dtype)
