@@ -123,14 +123,18 @@ class Attention(nn.Module):
         key_len: int | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        if self.qkv_sizes is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        if self.qkv_sizes is not None:  # rotate q and k heads in one go (half the small ops of a decode step)
+            nq, nk, _ = self.qkv_sizes
+            qkv = self.qkv_proj(x)
+            qk = apply_rotary(qkv[..., : nq + nk].view(b, s, -1, self.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk.split([nq // self.head_dim, nk // self.head_dim], dim=1)
+            v = qkv[..., nq + nk :].view(b, s, -1, self.head_dim).transpose(1, 2)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+            k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+            v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, cache_positions, k, v)
             if key_len is not None:
