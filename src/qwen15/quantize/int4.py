@@ -116,13 +116,14 @@ class Int4Linear(nn.Module):
         return cls(*cat, bias, parts[0].dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.kernel:
+        if self.kernel and self.qweight.is_cpu:
             return kernels.int4_dequantize(self.qweight, self.scales, self.mins, self.group_size, dtype)
         return dequantize_rows(self.qweight, self.scales, self.mins, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel and x.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] < PREFILL_ROWS:
+        fast = self.kernel and x.is_cpu and self.qweight.is_cpu  # (a model moved after quantizing: not)
+        if fast and x.dtype in (torch.bfloat16, torch.float32) and x2.shape[0] < PREFILL_ROWS:
             y = kernels.int4_linear(
                 x2.contiguous(), self.qweight, self.scales, self.mins, self.group_size, self._bias32, x.dtype
             )

@@ -67,13 +67,14 @@ class Int8Linear(nn.Module):
         )
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.kernel:
+        if self.kernel and self.weight.is_cpu:
             return kernels.int8_dequantize(self.weight, self.scales, dtype)
         return (self.weight.to(torch.float32) * self.scales[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel and x.dtype in (torch.bfloat16, torch.float32):
+        fast = self.kernel and x.is_cpu and self.weight.is_cpu  # (a model moved after quantizing: not)
+        if fast and x.dtype in (torch.bfloat16, torch.float32):
             if x2.shape[0] >= PREFILL_ROWS:
                 y = F.linear(x2, self.dequantize(x.dtype), self.bias)
             else:

@@ -132,6 +132,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as the kernels read it (a model cast with .to(dtype) after quantizing casts its scales too)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _flag(t: torch.Tensor) -> int:
     return 1 if t.dtype == torch.bfloat16 else 0
 
@@ -143,6 +148,7 @@ def int8_linear(
     -> [M, N] out_dtype."""
     m, k = x.shape
     n = q.shape[0]
+    scale = _as(scale, torch.float32)
     y = torch.empty(m, n, dtype=out_dtype)
     rc = _lib.q15_int8_linear(_ptr(x), _flag(x), _ptr(q), _ptr(scale), _ptr(bias), _ptr(y), _flag(y), m, n, k)
     if rc != 0:
@@ -163,6 +169,7 @@ def int4_linear(
     -> [M, N] out_dtype; group 32, 64 or 128."""
     m, k = x.shape
     n = q.shape[0]
+    scale, mins = _as(scale, torch.bfloat16), _as(mins, torch.bfloat16)
     y = torch.empty(m, n, dtype=out_dtype)
     rc = _lib.q15_int4_linear(
         _ptr(x), _flag(x), _ptr(q), _ptr(scale), _ptr(mins), group, _ptr(bias), _ptr(y), _flag(y), m, n, k
@@ -173,6 +180,7 @@ def int4_linear(
 
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    scale = _as(scale, torch.float32)
     w = torch.empty(q.shape, dtype=dtype)
     _lib.q15_int8_dequantize(_ptr(q), _ptr(scale), _ptr(w), _flag(w), *q.shape)
     return w
@@ -182,6 +190,7 @@ def int4_dequantize(
     q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: int, dtype: torch.dtype
 ) -> torch.Tensor:
     n, k = q.shape[0], q.shape[1] * 2
+    scale, mins = _as(scale, torch.bfloat16), _as(mins, torch.bfloat16)
     w = torch.empty(n, k, dtype=dtype)
     _lib.q15_int4_dequantize(_ptr(q), _ptr(scale), _ptr(mins), group, _ptr(w), _flag(w), n, k)
     return w
