@@ -368,3 +368,33 @@ def test_cli_convert_quantize_then_generate(tmp_path, capsys):
     )
     assert run.returncode == 0, run.stderr
     assert "int4 weights (group 64)" in run.stderr and "1 threads" in run.stderr
+
+
+@pytest.mark.parametrize("cc", ["default", "/bin/false"])
+def test_kernels_build_into_an_empty_cache_or_fall_back_with_the_reason(tmp_path, cc):
+    """A fresh machine: the kernel library is compiled into the (empty) cache folder on first use; a compiler that
+    fails leaves the model on torch's kernels, and the reason is in the startup note."""
+    import os
+    import subprocess
+    import sys
+
+    from qwen15.quantize import kernels
+
+    code = (
+        "import torch; from qwen15 import Qwen; from qwen15.config import get_preset;"
+        "from qwen15.quantize import quantize, describe;"
+        "m = quantize(Qwen.from_config(get_preset('tiny-mha').replace(vocab_size=1000), seed=0, dtype=torch.bfloat16),"
+        " 'int8'); m(torch.tensor([[1, 2, 3]])); print(describe(m))"
+    )
+    env = {**os.environ, "QWEN15_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("QWEN15_CPU_KERNELS", None)
+    if cc != "default":
+        env["CC"] = cc
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    built = list((tmp_path / "cache").glob("qwen15_cpu_*.so")) if (tmp_path / "cache").is_dir() else []
+    if cc != "default":
+        assert "building the kernels failed" in out.stdout and not built
+    elif kernels.library() is not None:  # this machine can run them: a fresh cache must get them too
+        assert "AVX-512 VNNI kernel" in out.stdout and len(built) == 1
+        assert not list((tmp_path / "cache").glob("*.partial"))
