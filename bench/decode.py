@@ -3,6 +3,8 @@
     python bench/decode.py                                  # qwen1.5-0.5b shape, batch 1 and 8, fp32 and bf16
     python bench/decode.py --preset qwen1.5-7b --device cuda --dtype bf16 --batch 1
     python bench/decode.py --dtype bf16 --int8 --int4 --llamacpp --prefill 512   # the CPU comparison of RESULTS.md
+    python bench/decode.py --readme-path                    # adds the README's Python path beside the CLI's
+    python bench/decode.py --hf-static                      # adds transformers' static cache + compile baseline
 
 Both models share one set of weight tensors (transformers' Qwen2ForCausalLM holds them; ours points at the same
 storage, then is prepared as the CLI prepares it: fused projections, then int8/int4 or oneDNN prepacking on CPU).
@@ -16,6 +18,15 @@ a cache folder): the same random weights saved as a Hugging Face folder, convert
 convert_hf_to_gguf.py and to Q4_0 by its llama-quantize, timed by llama-bench with the same threads (`-n NEW` for
 decode, `-p PREFILL` for prefill), one llama-bench call per round between ours and transformers'. Its decode starts
 from an empty context, ours after the prompt: at these lengths attention is a few percent of a step.
+
+--readme-path adds the path the README shows: the same weights saved to a folder, `Qwen.from_pretrained(folder,
+dtype=...)` + `prepare_for_inference(model, quantize)` + `qwen15.generate(model, None, ids, ...)`, timed in the same
+rounds; it should be within noise of the qwen15 column (which runs the CLI's engine on the CLI's preparation).
+
+--hf-static adds transformers' fastest documented path: `generate(cache_implementation="static",
+compile_config=CompileConfig())`, which keeps the prefill eager and compiles the decode step (mode reduce-overhead:
+CUDA graphs on a GPU; on CPU `_compile_all_devices` makes it compile too). When it fails, the row says why
+(exception type and message) instead of a figure.
 
 Roofline: the weight bytes one decode step must read (every matrix once, the embedding row lookup aside; for
 llama.cpp the GGUF file, whose tied token table is its output matrix) over the memory bandwidth measured here, in
@@ -46,19 +57,26 @@ def hf_config_dict(cfg) -> dict:
 
 
 def hf_model(cfg, dtype, device):
+    """transformers' model in `dtype` with its rotary inv_freq kept fp32, as from_pretrained of a bf16
+    checkpoint leaves it (a bare `.to(bf16)` also rounds inv_freq, a drift of our setup, not of the kernels)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hc = Qwen2Config(**hf_config_dict(cfg), attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2ForCausalLM(hc).to(dtype)
+        model = Qwen2ForCausalLM(hc)
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    model = model.to(dtype)
+    model.model.rotary_emb.inv_freq = inv_freq
+    if hasattr(model.model.rotary_emb, "original_inv_freq"):
+        model.model.rotary_emb.original_inv_freq = inv_freq
     return model.eval()
 
 
 def ours_sharing(hf, cfg):
     """Our model whose parameters are the transformers model's tensors (no copy)."""
     from qwen15 import Qwen
-    from qwen15.checkpoint import our_name
+    from qwen15.hf_folder import our_name
 
     with torch.device("meta"):
         ours = Qwen(cfg)
@@ -71,13 +89,65 @@ def ours_sharing(hf, cfg):
 
 
 def prepare(ours, weights: str, pack: bool):
-    """As the CLI prepares a model: fused projections, then int8/int4, or oneDNN prepacking of bf16/fp32 on CPU."""
-    from qwen15.quantize import pack_for_cpu, quantize
+    """As the CLI prepares a model (qwen15.prepare_for_inference: fused projections, then int8/int4, or oneDNN
+    prepacking of bf16/fp32 on CPU); --no-pack: fused only."""
+    from qwen15.fuse import fuse_projections
+    from qwen15.prepare import prepare_for_inference
 
-    ours.fuse_projections()
-    if weights in ("int8", "int4"):
-        return quantize(ours, weights)
-    return pack_for_cpu(ours) if pack else ours
+    if weights in ("int8", "int4") or pack:
+        return prepare_for_inference(ours, weights if weights in ("int8", "int4") else None)
+    return fuse_projections(ours)
+
+
+def readme_path(ours_unprepared, weights: str, dtype, device, folder: Path):
+    """The README's Python path on the same weights: save, Qwen.from_pretrained, prepare_for_inference, and
+    qwen15.generate as run(prompt, k)."""
+    from qwen15 import Qwen, generate, prepare_for_inference
+
+    path = folder / str(dtype).removeprefix(
+        "torch."
+    )  # bf16, int8 and int4 rows start from the same bf16 folder
+    if not path.exists():
+        ours_unprepared.save_pretrained(str(path))
+    model = Qwen.from_pretrained(str(path), dtype=dtype, device=device)
+    prepare_for_inference(model, weights if weights in ("int8", "int4") else None)
+
+    def run(prompt, k):
+        outs = generate(model, None, prompt.tolist(), max_new_tokens=k, temperature=0, stop_token_ids=[])
+        return [o.token_ids for o in outs]
+
+    return run
+
+
+def hf_static_generate(hf, device):
+    """transformers' static-cache + compiled-decode `generate` (see the module docstring) as run(prompt, k)."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig()  # transformers' defaults: inductor, mode reduce-overhead
+    if device.type != "cuda":
+        compile_config._compile_all_devices = True  # compile on CPU too (transformers' own switch)
+
+    def run(prompt, k):
+        ids = prompt.to(device)
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                cache_implementation="static",
+                compile_config=compile_config,
+            )
+        return out[:, ids.shape[1] :].tolist()
+
+    return run
+
+
+def failure(e: BaseException) -> str:
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 def sync(device):
@@ -193,14 +263,24 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-reference", action="store_true", help="skip transformers (e.g. 7B compiled on GPU only)"
     )
+    p.add_argument(
+        "--readme-path",
+        action="store_true",
+        help="also time the README's Python path (from_pretrained + prepare_for_inference + generate)",
+    )
+    p.add_argument(
+        "--hf-static",
+        action="store_true",
+        help="also time transformers' static cache + compiled decode (its fastest documented path)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-pack", action="store_true", help="do not prepack bf16 weights for oneDNN on CPU")
     args = p.parse_args(argv)
 
     import transformers
 
-    from qwen15.config import get_preset
     from qwen15.generation import Generator
+    from qwen15.model_config import get_preset
     from qwen15.quantize import describe
     from qwen15.sampling import SamplingParams
 
@@ -225,6 +305,10 @@ def main(argv=None) -> int:
     rows += [(w, b) for w, on in (("int8", args.int8), ("int4", args.int4)) if on for b in args.batch]
     llama = None
     header = "| weights | batch | transformers tok/s | qwen15 tok/s | vs transformers |"
+    if args.readme_path:
+        header += " qwen15 README path tok/s | README path vs CLI path |"
+    if args.hf_static:
+        header += " transformers static+compile tok/s | vs static+compile | same tokens as static |"
     if args.llamacpp:
         header += " llama.cpp tok/s | vs llama.cpp | llama.cpp share of roofline |"
     header += " qwen15 share of roofline | same greedy tokens | qwen15 format |"
@@ -233,13 +317,17 @@ def main(argv=None) -> int:
     prefill_lines = []
     current, hf, ours = None, None, None
     greedy = SamplingParams()
+    saved = Path(tempfile.mkdtemp(prefix="qwen15-decode-bench.")) if args.readme_path else None
+    readme = None
     for weights, batch in rows:
         dtype = torch.float32 if weights == "fp32" else torch.bfloat16
         if current != weights:
-            hf = ours = None
+            hf = ours = readme = None
             hf = hf_model(cfg, dtype, device)
             if args.llamacpp and llama is None:
                 llama = LlamaCpp(cfg, args.preset, Path(args.tokenizer), torch.get_num_threads())
+            if saved is not None:
+                readme = readme_path(ours_sharing(hf, cfg), weights, dtype, device, saved)
             ours = prepare(ours_sharing(hf, cfg), weights, not args.no_pack)
             current = weights
         gen = torch.Generator().manual_seed(batch)
@@ -271,13 +359,36 @@ def main(argv=None) -> int:
             ref_tokens = run_hf(n)
             agree = sum(a == b for r, o in zip(ref_tokens, ours_tokens) for a, b in zip(r, o))
             same = f"{agree / (batch * n):.0%}"
+        run_readme = None
+        if readme is not None:
+            run_readme = lambda k, prompt=prompt, readme=readme: readme(prompt, k)  # noqa: E731
+            run_readme(n)  # warm-up
+        run_static, static_error, static_same = None, None, "-"
+        if args.hf_static:
+            try:
+                static = hf_static_generate(hf, device)
+                static_tokens = static(prompt, n)  # compiles the decode step for this shape
+                static(prompt, 1)  # and for the one-token generate the timing subtracts
+                agree = sum(a == b for r, o in zip(static_tokens, ours_tokens) for a, b in zip(r, o))
+                static_same = f"{agree / (batch * n):.0%}"
+                run_static = lambda k, static=static, prompt=prompt: static(prompt, k)  # noqa: E731
+            except Exception as e:  # recorded in the row: why transformers' best path did not run here
+                static_error = failure(e)
+                print(f"transformers static+compile {weights} batch {batch}: {static_error}", file=sys.stderr)
         kind = LLAMA_TYPE.get(weights) if llama is not None and batch == 1 else None
         tokens = batch * (n - 1)
-        ours_r, hf_r, ll_r = [], [], []
+        ours_r, hf_r, ll_r, readme_r, static_r = [], [], [], [], []
         for _ in range(args.repeat):
             ours_r.append(tokens / (timed(run_ours, n, device) - timed(run_ours, 1, device)))
+            if run_readme is not None:
+                readme_r.append(tokens / (timed(run_readme, n, device) - timed(run_readme, 1, device)))
             if not args.no_reference:
                 hf_r.append(tokens / (timed(run_hf, n, device) - timed(run_hf, 1, device)))
+            if run_static is not None:
+                try:
+                    static_r.append(tokens / (timed(run_static, n, device) - timed(run_static, 1, device)))
+                except Exception as e:
+                    static_error, run_static = failure(e), None
             if kind:
                 ll_r.append(llama.rates(kind, 0, n)["decode"])
         ours_rate, hf_rate = median_rate(ours_r), median_rate(hf_r)
@@ -285,6 +396,15 @@ def main(argv=None) -> int:
         label = f"{weights} weights, bf16 act." if weights in ("int8", "int4") else weights
         vs = " (vs transformers bf16)" if weights in ("int8", "int4") else ""
         cells = [label, str(batch), f"{hf_rate:.1f}", f"{ours_rate:.1f}", f"{ours_rate / hf_rate:.2f}x{vs}"]
+        if args.readme_path:
+            readme_rate = median_rate(readme_r)
+            cells += [f"{readme_rate:.1f}", f"{readme_rate / ours_rate:.2f}x"]
+        if args.hf_static:
+            if static_error is not None or not static_r:
+                cells += [static_error or "failed", "-", "-"]
+            else:
+                static_rate = median_rate(static_r)
+                cells += [f"{static_rate:.1f}", f"{ours_rate / static_rate:.2f}x{vs}", static_same]
         if args.llamacpp:
             if kind:
                 ll_rate = median_rate(ll_r)
@@ -305,6 +425,10 @@ def main(argv=None) -> int:
         head = "| weights | transformers | qwen15 | vs transformers |"
         head += " llama.cpp | vs llama.cpp |" if args.llamacpp else ""
         print(head, "|" + " --- |" * head.count(" |"), *prefill_lines, sep="\n", flush=True)
+    if saved is not None:
+        import shutil
+
+        shutil.rmtree(saved, ignore_errors=True)
     return 0
 
 

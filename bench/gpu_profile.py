@@ -1,6 +1,6 @@
 """Where the GPU time goes: training-step variants and the decode loop, for the next round of speed work.
 
-  python bench/gpu_profile.py [train] [decode] [decode-tuned] [decode-fused] [decode-kernels]
+  python bench/gpu_profile.py [train] [decode] [decode-fused] [decode-kernels]
   (on a CUDA machine; on CPU it runs small shapes, to test the script)
 
 Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as bench/train.py):
@@ -10,10 +10,11 @@ Training, 0.5B at seq 4096, micro-batch 2, interleaved steps in one process (as 
 then a profiler table of one `shipped` step (top kernels by GPU time) and GPU busy time over wall time.
 (The FSDP2 rows of bench/RESULTS.md were measured with this script as of commit 36cfbfa, when one GPU still
 trained under FSDP2.)
-Decode, 0.5B bf16 batch 1: the whole generate loop vs replaying the compiled step alone (what the loop adds);
-decode-tuned: the same with inductor's coordinate-descent tuning of its generated kernels; decode-fused: one
-matrix for q/k/v and one for gate/up (`Qwen.fuse_projections`; the H200 run of RESULTS.md used an equivalent
-copy of it inside this script, written before the library had it); decode-kernels: compiled without CUDA graphs, a profiler table of kernels.
+Decode, 0.5B bf16 batch 1: the whole generate loop vs the engine's decode step alone, replayed as its CUDA graph
+(what the loop adds); decode-fused: one matrix for q/k/v and one for gate/up (`qwen15.fuse.fuse_projections`);
+decode-kernels: a profiler table of the kernels of one eager decode step. (The decode rows of RESULTS.md up to
+the serving engine were measured with the compiled step this script profiled then: torch.compile
+reduce-overhead.)
 """
 
 from __future__ import annotations
@@ -101,14 +102,11 @@ def train_part(tmp: Path, reps: int) -> None:
         trainer.close()
 
 
-def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool = False) -> None:
-    print(
-        f"== decode loop vs compiled step alone; inductor options {options or 'of mode reduce-overhead'}",
-        flush=True,
-    )
+def decode_part(new_tokens: int = 128, fused: bool = False, kernels: bool = False) -> None:
+    print("== decode: the generate loop vs the engine's decode step alone (CUDA graphs on GPU)", flush=True)
     from qwen15 import Qwen
-    from qwen15.config import get_preset
     from qwen15.generation import Generator
+    from qwen15.model_config import get_preset
     from qwen15.sampling import SamplingParams
 
     cfg = get_preset("qwen1.5-0.5b" if CUDA else "tiny")
@@ -116,77 +114,54 @@ def decode_part(new_tokens: int = 128, options: dict | None = None, fused: bool 
     model = Qwen.from_config(cfg, dtype=dtype, device=DEV)
     if fused:
         print("fused q/k/v and gate/up matrices", flush=True)
-        model.fuse_projections()
-    engine = Generator(model, None, compile=True)
-    if options:
-        from qwen15.generation import decode_one_token
+        from qwen15.fuse import fuse_projections
 
-        engine._step = torch.compile(decode_one_token, options=options, fullgraph=True, dynamic=False)
+        fuse_projections(model)
+    gen = Generator(model, None, compile=CUDA)
     prompt = torch.randint(0, 151000, (1, 32)).tolist()
     kw = dict(sampling=SamplingParams(), stop_token_ids=[])
     t0 = time.perf_counter()
-    engine.generate(prompt, max_new_tokens=new_tokens, **kw)  # compile
-    print(f"first generate (compile) {time.perf_counter() - t0:.0f} s", flush=True)
+    gen.generate(prompt, max_new_tokens=new_tokens, **kw)  # captures the graphs it needs
+    print(f"first generate (capture) {time.perf_counter() - t0:.1f} s", flush=True)
     best = {}
     for k in (new_tokens, 1):
         runs = []
         for _ in range(3):
             sync()
             t = time.perf_counter()
-            engine.generate(prompt, max_new_tokens=k, **kw)
+            gen.generate(prompt, max_new_tokens=k, **kw)
             sync()
             runs.append(time.perf_counter() - t)
         best[k] = min(runs)
     loop = (new_tokens - 1) / (best[new_tokens] - best[1])
-    cache, key_mask = engine._buffers
-    step = engine._compiled_step()
-    tokens = torch.zeros(1, dtype=torch.long, device=DEV)
-    pos = torch.full((1,), 40, device=DEV)
-    slot = torch.tensor([40], device=DEV)
+    step = gen.engine.decode  # the batched decode forward (slot 0, one sequence at position 40)
     with torch.inference_mode():
         for _ in range(3):
-            if CUDA:
-                torch.compiler.cudagraph_mark_step_begin()
-            step(model, cache, tokens, pos, slot, key_mask)
+            step([0], [0], [40])
         sync()
         t = time.perf_counter()
         for _ in range(new_tokens):
-            if CUDA:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = step(model, cache, tokens, pos, slot, key_mask)
-            tokens.copy_(logits.argmax(-1))  # in place: a new tensor each step made dynamo recompile
+            step([0], [0], [40])
         sync()
-        replay = new_tokens / (time.perf_counter() - t)
-        if CUDA:
-            graph_start, graph_end = (
-                torch.cuda.Event(enable_timing=True),
-                torch.cuda.Event(enable_timing=True),
-            )
-            graph_start.record()
-            for _ in range(new_tokens):
-                torch.compiler.cudagraph_mark_step_begin()
-                logits = step(model, cache, tokens, pos, slot, key_mask)
-            graph_end.record()
-            sync()
-            gpu = new_tokens / (graph_start.elapsed_time(graph_end) / 1e3)
-        else:
-            gpu = float("nan")
-    if CUDA and options is not None and not options.get("triton.cudagraphs", True):
-        from torch.profiler import ProfilerActivity, profile
+        alone = new_tokens / (time.perf_counter() - t)
+        if CUDA and kernels:
+            from torch.profiler import ProfilerActivity, profile
 
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(16):
-                logits = step(model, cache, tokens, pos, slot, key_mask)
-            sync()
-        events = prof.key_averages()
-        kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / 16
-        print(f"kernels per decode step (compiled, no CUDA graph): {kernels:.0f}", flush=True)
-        print(
-            events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70), flush=True
-        )
+            eager = type(step)(model, gen.engine.cache, static=False, graphs=False)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(16):
+                    eager([0], [0], [40])
+                sync()
+            events = prof.key_averages()
+            count = sum(e.count for e in events if e.device_type.name == "CUDA") / 16
+            print(f"kernels per decode step (eager, no CUDA graph): {count:.0f}", flush=True)
+            print(
+                events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70),
+                flush=True,
+            )
     print(
-        f"generate loop {loop:,.0f} tok/s | compiled step replayed back to back {replay:,.0f} tok/s "
-        f"(argmax between steps, no host sync) | replays without argmax {gpu:,.0f} tok/s",
+        f"generate loop {loop:,.0f} tok/s | decode step alone, back to back {alone:,.0f} tok/s "
+        f"(graphs captured: {step.captured})",
         flush=True,
     )
 
@@ -195,14 +170,12 @@ def main() -> int:
     name = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"# gpu_profile on {name}, torch {torch.__version__}", flush=True)
     parts = sys.argv[1:] or ["train", "decode"]
-    tuned = {"triton.cudagraphs": CUDA, "coordinate_descent_tuning": True}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             "train": lambda: train_part(Path(tmp), 5),
             "decode": decode_part,
-            "decode-tuned": lambda: decode_part(options=tuned),
             "decode-fused": lambda: decode_part(fused=True),
-            "decode-kernels": lambda: decode_part(new_tokens=32, options={"triton.cudagraphs": False}),
+            "decode-kernels": lambda: decode_part(new_tokens=32, kernels=True),
         }
         for part in (runs[p] for p in parts):
             try:

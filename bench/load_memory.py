@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from qwen15 import Qwen
-from qwen15.checkpoint import hf_name, save_state_dict
-from qwen15.config import get_preset
+from qwen15.hf_checkpoint import tensor_blocks
+from qwen15.hf_folder import OutTensor, hf_name, write_hf_folder
+from qwen15.model_config import get_preset
 
 PROBE = textwrap.dedent("""
     import sys, time, torch
@@ -57,10 +58,12 @@ def write_random_checkpoint(preset: str, folder: Path) -> None:
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     g = torch.Generator().manual_seed(0)
-    state = {
-        name: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for name, shape in shapes.items()
-    }
-    save_state_dict(state, cfg, folder, max_shard_size="2GB")
+
+    def random_blocks(shape):  # drawn tensor by tensor: the writer never holds the whole model
+        return tensor_blocks((torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
+
+    tensors = [OutTensor(n, tuple(s), "bfloat16", lambda s=s: random_blocks(s)) for n, s in shapes.items()]
+    write_hf_folder(folder, cfg, tensors, max_shard_size="2GB")
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ CASES = {
 
 
 def ours(case: str, tmp: Path, compile: bool = True, compile_cpu: bool = False):
-    from qwen15.demo.dataset import write_dataset
+    from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
 
@@ -53,7 +53,9 @@ def ours(case: str, tmp: Path, compile: bool = True, compile_cpu: bool = False):
             shape += [f"--model.{key}", str(value)]
     vocab = 512 if shape else 151643
     rows = np.random.default_rng(0).integers(0, vocab, (max(batch, 8), seq + 1)).astype(np.uint32)
-    data = write_dataset(tmp / case / "data", rows)
+    data = write_documents(
+        tmp / case / "data", [(r, [True] * len(r)) for r in rows.tolist()], seq_length=seq, layout="pad"
+    )
     args = [
         "--model.preset",
         preset,

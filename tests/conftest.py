@@ -81,7 +81,7 @@ def load_into_ours(hf_model, cfg, dtype=None):
     import torch
 
     from qwen15 import Qwen
-    from qwen15.checkpoint import our_name
+    from qwen15.hf_folder import our_name
 
     ours = Qwen(cfg)
     state = {our_name(k): v for k, v in hf_model.state_dict().items()}

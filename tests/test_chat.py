@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qwen15.chat import ChatError, ChatSession
-from qwen15.config import get_preset
+from qwen15.model_config import get_preset
 from qwen15.sampling import SamplingParams
 
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen15 import Qwen
-from qwen15.checkpoint import CheckpointError
-from qwen15.config import ConfigError, get_preset
+from qwen15.errors import UserError
+from qwen15.hf_folder import CheckpointError
+from qwen15.model_config import ConfigError, get_preset
 
 from conftest import random_hf_model
 
@@ -113,16 +114,15 @@ def test_bf16_load(tmp_path):
     assert torch.equal(fp32.embed_tokens.weight, ours.embed_tokens.weight.float())
 
 
-def test_pytorch_bin_checkpoint_loads_with_weights_only(tmp_path):
+def test_pytorch_bin_checkpoint_is_refused_with_how_to_convert(tmp_path):
+    """Pickled weights are never loaded (a .bin can run code); the message says how to get safetensors."""
     cfg = small("tiny-mha")
-    hf = random_hf_model(cfg, seed=5)
-    hf.save_pretrained(tmp_path)
+    random_hf_model(cfg, seed=5).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    ours = Qwen.from_pretrained(tmp_path)
-    with torch.no_grad():
-        assert max_diff(hf(IDS).logits, ours(IDS)) <= 1e-5
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin .*never unpickles.*save_pretrained"):
+        Qwen.from_pretrained(tmp_path)
 
 
 def _hf_folder(tmp_path, name="tiny-mha"):
@@ -182,11 +182,14 @@ def test_truncated_shard_is_refused(tmp_path):
         Qwen.from_pretrained(tmp_path)
 
 
-def test_hub_name_says_how_to_download():
-    with pytest.raises(CheckpointError, match="huggingface-cli download Qwen/Qwen1.5-7B-Chat --local-dir"):
+def test_hub_name_says_how_to_download(tmp_path):
+    with pytest.raises(UserError, match="hf download Qwen/Qwen1.5-7B-Chat --local-dir"):
         Qwen.from_pretrained("Qwen/Qwen1.5-7B-Chat")
-    with pytest.raises(CheckpointError, match="no such model folder"):
+    with pytest.raises(UserError, match="no such model folder"):
         Qwen.from_pretrained("/nonexistent/folder")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a file, not a model folder"):
+        Qwen.from_pretrained(tmp_path / "config.json")
 
 
 def test_save_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path, monkeypatch):
@@ -194,7 +197,7 @@ def test_save_is_atomic_and_keeps_the_old_folder_on_failure(tmp_path, monkeypatc
     model.save_pretrained(tmp_path / "out")
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
 
-    import qwen15.checkpoint as ckpt
+    import qwen15.hf_folder as ckpt
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from qwen15.config import PRESETS, ConfigError, ModelConfig, get_preset
+from qwen15.model_config import PRESETS, ConfigError, ModelConfig, get_preset
 
 # Parameter counts published for the Qwen1.5 shapes (QWEN15.md), in billions, two decimals.
 PUBLISHED_BILLIONS = {

@@ -229,7 +229,7 @@ def test_too_little_text_and_bad_utf8_leave_nothing(tmp_path, tokenizer):
     assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text\n" * 10 + b"\xff\xfe broken\n")
-    with pytest.raises(DataInputError, match=r"bad\.txt: not valid UTF-8"):
+    with pytest.raises(DataInputError, match=r"bad\.txt:\d+: not valid UTF-8"):
         preprocess_text([small, bad], tmp_path / "out", tokenizer, seq_length=4, quiet=True)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left behind

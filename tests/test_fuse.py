@@ -6,17 +6,19 @@ import pytest
 import torch
 
 from qwen15 import Qwen, generate
-from qwen15.checkpoint import CheckpointError
-from qwen15.config import get_preset
+from qwen15.fuse import FusedAttention, FusedMLP, fuse_projections
+from qwen15.hf_folder import CheckpointError
+from qwen15.model import Attention
+from qwen15.model_config import get_preset
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha", "tiny-gqa"])
 def test_fused_model_gives_the_same_logits_and_tokens(name):
     cfg = get_preset(name).replace(vocab_size=1000)
     plain = Qwen.from_config(cfg, seed=0)
-    fused = Qwen.from_config(cfg, seed=0).fuse_projections()
-    assert fused.projections_fused and not plain.projections_fused
+    fused = fuse_projections(Qwen.from_config(cfg, seed=0))
     attn = fused.layers["0"].self_attn
+    assert isinstance(attn, FusedAttention) and isinstance(fused.layers["1"].mlp, FusedMLP)
     assert not hasattr(attn, "q_proj") and attn.qkv_proj.weight.shape[0] == sum(attn.qkv_sizes)
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -28,14 +30,32 @@ def test_fused_model_gives_the_same_logits_and_tokens(name):
     assert [r.token_ids for r in x] == [r.token_ids for r in y]
 
 
+@pytest.mark.parametrize("name", ["tiny-mha", "tiny-gqa"])
+def test_fused_attention_rotates_q_and_k_as_the_plain_one(name):
+    """Rotating q and k heads in one call gives exactly what the plain attention's path (separate q, k, v views,
+    two rotary calls) gives on the same fused projection."""
+    from qwen15.model import rotary_cos_sin
+
+    cfg = get_preset(name).replace(vocab_size=1000)
+    fused = FusedAttention(Qwen.from_config(cfg, seed=0).layers["0"].self_attn)
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    cos, sin = rotary_cos_sin(torch.arange(3, 8)[None].expand(2, 5), cfg.head_dim, cfg.rope_theta, x.dtype)
+    with torch.no_grad():
+        expected = Attention.rotated_heads(fused, x, cos, sin)  # through FusedAttention.project
+        got = fused.rotated_heads(x, cos, sin)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape and torch.equal(e, g)
+    assert got[1].shape[1] == cfg.num_key_value_heads
+
+
 def test_fused_model_quantizes_and_packs():
     from qwen15.quantize import Int8Linear, PackedLinear, pack_for_cpu, quantize_int8
 
     cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
-    q = quantize_int8(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    q = quantize_int8(fuse_projections(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
     assert isinstance(q.layers["0"].self_attn.qkv_proj, Int8Linear)
     assert isinstance(q.layers["0"].mlp.gate_up_proj, Int8Linear)
-    p = pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16).fuse_projections())
+    p = pack_for_cpu(fuse_projections(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
     ref = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -49,7 +69,7 @@ def test_fused_model_quantizes_and_packs():
 
 
 def test_a_fused_model_refuses_to_save(tmp_path):
-    model = Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0).fuse_projections()
-    with pytest.raises(CheckpointError, match="fused"):
+    model = fuse_projections(Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0))
+    with pytest.raises(CheckpointError, match="prepared for inference"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()

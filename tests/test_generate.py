@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from qwen15.config import get_preset
 from qwen15.generation import Completion, GenerationError, Generator, generate, stream_generate
+from qwen15.model_config import get_preset
 from qwen15.sampling import SamplingParams
 
 from conftest import SHARED_TOKENIZER, load_into_ours, random_hf_model
@@ -134,17 +134,20 @@ class ScriptedModel(torch.nn.Module):
         self.generation_config = None
         self.scripts = scripts
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.width = None
+        self.prompt_lens = None
 
-    def forward(self, input_ids, *, cache_positions, last_only, **_):
+    def forward(self, input_ids, *, position_ids, last_only, **_):
+        """Row i's next token is scripts[i][tokens it has generated], read from its positions (a row's positions
+        count its tokens, whatever the cache layout)."""
         b = input_ids.shape[0]
-        if input_ids.shape[1] > 1 or self.width is None:
-            self.width = int(cache_positions[-1]) + 1  # prefill
-        step = int(cache_positions[-1]) + 1 - self.width
+        last = position_ids[:, -1]
+        if input_ids.shape[1] > 1 or self.prompt_lens is None:  # prefill: each row's prompt ends at `last`
+            self.prompt_lens = last + 1
+        steps = (last + 1 - self.prompt_lens[:b]).tolist()
         logits = torch.zeros(b, 1, self.config.vocab_size)
         for i in range(b):
             script = self.scripts[i]
-            logits[i, 0, script[min(step, len(script) - 1)]] = 1.0
+            logits[i, 0, script[min(steps[i], len(script) - 1)]] = 1.0
         return logits
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwen15 import KVCache, Qwen
-from qwen15.config import get_preset
+from qwen15.model_config import get_preset
 
 from conftest import load_into_ours, random_hf_model
 

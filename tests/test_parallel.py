@@ -18,9 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from qwen15.config import get_preset
 from qwen15.model import KVCache, Qwen
-from qwen15.parallel.layout import dp_mesh
+from qwen15.model_config import get_preset
 
 VOCAB = 512
 # Tiny shapes whose heads split over 4 ranks: tied (0.5B-like), untied MHA, GQA 8/4 (32B-like).
@@ -153,7 +152,7 @@ def local_bytes(tensors) -> int:
 
 
 def activation_bytes(model, ids, labels) -> int:
-    from qwen15.parallel.loss import cross_entropy
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     params = {_plain(p).untyped_storage().data_ptr() for p in model.parameters()}
     storages = saved_activation_bytes(lambda: cross_entropy(model(ids), labels))
@@ -164,8 +163,8 @@ def activation_bytes(model, ids, labels) -> int:
 
 
 def _tp_forward_job(mesh, names):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     out = {}
     b0, b1 = batch(0, documents=True), batch(1)
@@ -205,8 +204,8 @@ def _tp_refusal_job(mesh):
 
 
 def _tp_train_job(mesh, name, steps, optimizer):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     model = apply_tensor_parallel(model_for(CONFIGS[name]), mesh)
     opt = make_optimizer(model, optimizer)
@@ -223,7 +222,7 @@ def _tp_train_job(mesh, name, steps, optimizer):
 
 
 def _inference_job(mesh, names):
-    from qwen15.parallel.inference import local_kv_heads, shard_for_inference
+    from qwen15.parallel.inference import shard_for_inference
 
     out = {}
     prompt = PROMPT
@@ -235,7 +234,8 @@ def _inference_job(mesh, names):
         out[f"{name}/tokens"] = tokens
         out[f"{name}/padded"] = padded
         out[f"{name}/cache_heads"] = cache.k[0].shape[1]
-        out[f"{name}/local_kv_heads"] = local_kv_heads(model)
+        k_weight = model.layers["0"].self_attn.k_proj.weight.to_local()
+        out[f"{name}/local_kv_heads"] = k_weight.shape[0] // model.config.head_dim
         try:
             from qwen15.generation import generate
         except ImportError:
@@ -274,11 +274,11 @@ def shard_with_fsdp(model, mesh) -> None:
 def _pipeline_job(mesh, schedules, steps):
     """pp 2, with tensor parallel and FSDP2 when the mesh has them; each data-parallel rank takes its rows."""
     from qwen15.parallel.layout import ParallelLayout
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.pipeline import build_schedule, stage_modules
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
-    tp, dp, dp_rank = mesh["tp"].size(), dp_mesh(mesh).size(), dp_mesh(mesh).get_local_rank()
+    tp, dp, dp_rank = mesh["tp"].size(), mesh.dp.size(), mesh.dp.get_local_rank()
     rows = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)
     out = {}
     for schedule_name in schedules:
@@ -309,7 +309,7 @@ def _pipeline_job(mesh, schedules, steps):
                 opt.zero_grad()
             if micro:  # the last stage: its share of the loss, summed over the data-parallel ranks
                 total = torch.stack([x.detach() for x in micro]).sum()
-                dist.all_reduce(total, group=dp_mesh(mesh).get_group())
+                dist.all_reduce(total, group=mesh.dp.get_group())
                 losses.append(total.item())
         params = {}
         for module in modules:
@@ -319,12 +319,12 @@ def _pipeline_job(mesh, schedules, steps):
 
 
 def _fsdp_tp_job(mesh, steps):
-    from qwen15.parallel.loss import cross_entropy
     from qwen15.parallel.tensor_parallel import apply_tensor_parallel
+    from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
     model = apply_tensor_parallel(model_for(CONFIGS["tied"]), mesh["tp"])
     shard_with_fsdp(model, mesh["dp_shard"])
-    dp_rank, dp = dp_mesh(mesh).get_local_rank(), dp_mesh(mesh).size()
+    dp_rank, dp = mesh.dp.get_local_rank(), mesh.dp.size()
 
     def step_loss(step):
         b = batch(step)
@@ -340,7 +340,7 @@ def _fsdp_tp_job(mesh, steps):
         opt.step()
         opt.zero_grad()
         total = loss.detach().clone()
-        dist.all_reduce(total, group=dp_mesh(mesh).get_group())
+        dist.all_reduce(total, group=mesh.dp.get_group())
         losses.append(total.item())
     out = {
         "losses": losses,
@@ -405,7 +405,7 @@ def _four_ranks(rank, world_size):
     out["coords"] = {
         "pp": 0,
         "tp": fsdp_mesh["tp"].get_local_rank(),
-        "dp": dp_mesh(fsdp_mesh).get_local_rank(),
+        "dp": fsdp_mesh.dp.get_local_rank(),
     }
     return out
 
@@ -565,8 +565,7 @@ def test_generate_on_a_tensor_parallel_model(two):
         if f"{name}/generate_error" in got:
             pytest.xfail(
                 "qwen15.generation preallocates the KV cache with config.num_key_value_heads; a tensor-parallel "
-                "rank holds num_key_value_heads / tp heads (qwen15.parallel.inference.local_kv_heads): "
-                + got[f"{name}/generate_error"]
+                "rank holds num_key_value_heads / tp heads : " + got[f"{name}/generate_error"]
             )
         model = model_for(CONFIGS[name]).eval()
         want = generate(

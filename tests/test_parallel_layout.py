@@ -6,8 +6,8 @@ import itertools
 import pytest
 import torch
 
-from qwen15.config import get_preset
 from qwen15.model import Qwen
+from qwen15.model_config import get_preset
 from qwen15.parallel.layout import LayoutError, ParallelLayout
 from qwen15.parallel.pipeline import default_costs, split_layers, stage_indices, stage_modules, stage_ranges
 
@@ -45,7 +45,7 @@ def test_real_layouts_are_accepted():
         ("qwen1.5-110b", ParallelLayout(tp=8, pp=8, pp_schedule="GPipe", pp_microbatches=16), 64),
     ]:
         resolved = layout.validate(world, get_preset(preset))
-        assert resolved.world_size() == world
+        assert resolved.num_ranks() == world
 
 
 def test_pipeline_checks():

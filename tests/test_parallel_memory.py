@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_parallel import activation_bytes, model_for
 
-from qwen15.config import get_preset
 from qwen15.model import Qwen
+from qwen15.model_config import get_preset
 from qwen15.parallel.layout import ParallelLayout
 from qwen15.parallel.memory import (
     estimate_memory,

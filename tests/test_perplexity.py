@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from qwen15.config import get_preset
+from qwen15.model_config import get_preset
 from qwen15.perplexity import PerplexityError, perplexity, windows
 
 from conftest import load_into_ours, random_hf_model

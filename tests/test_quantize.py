@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from qwen15 import Qwen
-from qwen15.config import get_preset
 from qwen15.generation import generate
+from qwen15.model_config import get_preset
 from qwen15.quantize import Int8Linear, quantize_int8, quantize_rows, weight_nbytes
 
 from conftest import SHARED_TOKENIZER
@@ -230,7 +231,7 @@ def test_without_kernels_the_model_still_runs_and_says_why(tmp_path):
     import sys
 
     code = (
-        "import torch; from qwen15 import Qwen; from qwen15.config import get_preset;"
+        "import torch; from qwen15 import Qwen; from qwen15.model_config import get_preset;"
         "from qwen15.quantize import quantize, describe;"
         "m = quantize(Qwen.from_config(get_preset('tiny').replace(vocab_size=1000), seed=0, dtype=torch.bfloat16),"
         " 'int4'); print(describe(m)); print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()))"
@@ -259,14 +260,14 @@ def test_int4_weights_take_under_a_third_of_bf16(name):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantize_then_fuse_equals_unfused(method):
+    from qwen15.fuse import FusedAttention, fuse_projections
     from qwen15.quantize import quantize
 
     cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
     a = quantize(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16), method)
-    b = quantize(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16), method).fuse_projections()
-    assert b.projections_fused and type(b.layers["0"].self_attn.qkv_proj) is type(
-        a.layers["0"].self_attn.q_proj
-    )
+    b = fuse_projections(quantize(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16), method))
+    assert isinstance(b.layers["0"].self_attn, FusedAttention)
+    assert type(b.layers["0"].self_attn.qkv_proj) is type(a.layers["0"].self_attn.q_proj)
     ids = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         x, y = a(ids).float(), b(ids).float()
@@ -307,8 +308,10 @@ def tiny_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_folder_loads_as_saved(tiny_folder, tmp_path, method):
-    from qwen15.checkpoint import CheckpointError
-    from qwen15.config import ConfigError
+    from qwen15.errors import UserError
+    from qwen15.fuse import fuse_projections
+    from qwen15.hf_folder import CheckpointError
+    from qwen15.model_config import ConfigError
     from qwen15.quantize import load_quantized, quantization_of, quantize
     from qwen15.quantize.saved import quantize_folder
 
@@ -320,22 +323,78 @@ def test_quantized_folder_loads_as_saved(tiny_folder, tmp_path, method):
     ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids), fresh(ids))  # the stored tensors are the quantized ones, bit for bit
-    loaded.fuse_projections()
+    fuse_projections(loaded)
     with torch.no_grad():
         assert torch.isfinite(loaded(ids)).all()
     with pytest.raises(ConfigError, match="load_quantized"):
         Qwen.from_pretrained(str(out))
-    with pytest.raises(CheckpointError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         quantize_folder(tiny_folder, out, method, progress=False)
     with pytest.raises(CheckpointError, match="quantized already"):
         quantize_folder(out, tmp_path / "again", method, progress=False)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_prepare_for_inference_quantizes_or_keeps_a_loaded_quantized_model(tiny_folder, tmp_path, method):
+    """prepare_for_inference(model, "int8"|"int4") on the bf16 model and prepare_for_inference on the folder
+    `convert --quantize` wrote give the same logits bit for bit (per-row/per-group quantization commutes with
+    fusing), and a loaded int4 model refuses another quantization."""
+    from qwen15 import prepare_for_inference
+    from qwen15.errors import UserError
+    from qwen15.quantize import load_quantized
+    from qwen15.quantize.saved import quantize_folder
+
+    fresh = prepare_for_inference(Qwen.from_pretrained(str(tiny_folder), dtype=torch.bfloat16), method)
+    assert fresh.inference_format.startswith(f"fused, {method} weights")
+    out = quantize_folder(tiny_folder, tmp_path / method, method, progress=False)
+    loaded = prepare_for_inference(load_quantized(out))
+    assert loaded.inference_format == fresh.inference_format
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), fresh(ids))
+    other = "int8" if method == "int4" else "int4"
+    with pytest.raises(UserError, match=f"holds {method} weights already"):
+        prepare_for_inference(load_quantized(out), other)
+    with pytest.raises(UserError, match="group_size applies to int4 only"):
+        prepare_for_inference(Qwen.from_pretrained(str(tiny_folder)), "int8", group_size=32)
+
+
+def test_convert_quantize_follows_the_output_rule(tiny_folder, tmp_path, capsys):
+    """convert --quantize never replaces its input, and replaces only a folder qwen15 wrote (with --overwrite)."""
+    from qwen15.cli import main
+
+    assert main(["convert", "--quantize", "int8", "--overwrite", str(tiny_folder), str(tiny_folder)]) == 2
+    assert "is this command's input" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["convert", "--quantize", "int8", "--overwrite", str(tiny_folder), str(foreign)]) == 2
+    assert "not written by qwen15" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
+    out = tmp_path / "q8"
+    assert main(["convert", "--quantize", "int8", str(tiny_folder), str(out)]) == 0
+    assert (
+        main(
+            ["convert", "--quantize", "int4", "--group-size", "32", "--overwrite", str(tiny_folder), str(out)]
+        )
+        == 0
+    )
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert (
+        main(["convert", "--quantize", "int8", "--group-size", "32", str(tiny_folder), str(tmp_path / "x")])
+        == 2
+    )
+    assert "--group-size applies to --quantize int4 only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "q8"]  # nothing partial left
+    assert (tiny_folder / "model.safetensors").is_file() and not (
+        tiny_folder / "quantization_config"
+    ).exists()
 
 
 def test_foreign_quantized_checkpoints_are_refused_clearly(tiny_folder, tmp_path):
     import json
     import shutil
 
-    from qwen15.config import ConfigError
+    from qwen15.model_config import ConfigError
 
     folder = tmp_path / "gptq"
     shutil.copytree(tiny_folder, folder)
@@ -381,7 +440,7 @@ def test_kernels_build_into_an_empty_cache_or_fall_back_with_the_reason(tmp_path
     from qwen15.quantize import kernels
 
     code = (
-        "import torch; from qwen15 import Qwen; from qwen15.config import get_preset;"
+        "import torch; from qwen15 import Qwen; from qwen15.model_config import get_preset;"
         "from qwen15.quantize import quantize, describe;"
         "m = quantize(Qwen.from_config(get_preset('tiny-mha').replace(vocab_size=1000), seed=0, dtype=torch.bfloat16),"
         " 'int8'); m(torch.tensor([[1, 2, 3]])); print(describe(m))"

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from qwen15 import Qwen
-from qwen15.config import get_preset
 from qwen15.generation import generate
+from qwen15.model_config import get_preset
 from qwen15.perplexity import perplexity
 
 from conftest import SHARED_DATA, needs_shared

@@ -212,8 +212,12 @@ def test_malformed_tokenizer_config_names_line(tmp_path, qwen_tokenizer_dir):
 
 
 def test_hub_name_says_how_to_download():
-    with pytest.raises(TokenizerError, match="huggingface-cli download Qwen/Qwen1.5-0.5B-Chat"):
+    from qwen15.errors import UserError
+
+    with pytest.raises(UserError, match="hf download Qwen/Qwen1.5-0.5B-Chat"):
         Tokenizer.from_pretrained("Qwen/Qwen1.5-0.5B-Chat")
+    with pytest.raises(UserError, match="no such tokenizer folder.*vocab.json"):
+        Tokenizer.from_pretrained("/nonexistent/tokenizer")
 
 
 def test_saved_tokenizer_loads_in_transformers_and_in_ours(tmp_path, tokenizer):

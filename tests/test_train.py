@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_shipped_recipe_parses_and_validates():
-    from qwen15.config import get_preset
+    from qwen15.model_config import get_preset
     from qwen15.train.config import load_config
 
     recipes = sorted((ROOT / "configs").glob("*.yaml"))
@@ -252,7 +252,7 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path):
     """The process is SIGKILLed after writing the model/optimizer files of step 4 and before the checkpoint is
     complete; the next start ignores (and removes) the partial folder, resumes from step 2 and ends with exactly
     the weights of an uninterrupted run."""
-    from qwen15.train.checkpointing import KILL_DURING_SAVE_ENV
+    from qwen15.train.dcp_checkpoint import KILL_DURING_SAVE_ENV
 
     data = make_dataset(tmp_path / "data", "pad")
     args = ["train", *overrides(data, tmp_path / "run", train__steps=6, checkpoint__every=2)]
@@ -352,13 +352,13 @@ BASE_SEQ = 32  # make_dataset's sequence length
 
 
 def saved_model_config(run):
-    from qwen15.config import ModelConfig
+    from qwen15.model_config import ModelConfig
 
     return ModelConfig.from_json_file(run / "checkpoints" / "step-00000004" / "config.json")
 
 
 def test_mfu_flops_formula():
-    from qwen15.config import get_preset
+    from qwen15.model_config import get_preset
     from qwen15.train.metrics import flops_per_token, peak_tflops
 
     cfg = get_preset("qwen1.5-7b")

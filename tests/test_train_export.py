@@ -109,7 +109,7 @@ def test_finetune_from_hf_then_export_loads_in_transformers(tmp_path, tokenizer,
 
 
 def _tensor_names(folder):
-    from qwen15.checkpoint import read_safetensors_header
+    from qwen15.hf_folder import read_safetensors_header
 
     names = []
     for f in folder.glob("*.safetensors"):
@@ -135,21 +135,22 @@ def test_convert_refuses_incomplete_checkpoints_and_existing_output(tmp_path, ca
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(["convert", "--to", "hf", str(result.last_checkpoint), str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
-    assert (
-        main(
-            [
-                "convert",
-                "--to",
-                "hf",
-                str(tmp_path / "run"),
-                str(tmp_path / "out"),
-                "--overwrite",
-                "--max-shard-size",
-                "100KB",
-            ]
-        )
-        == 0
-    )
+    convert = [
+        "convert",
+        "--to",
+        "hf",
+        str(tmp_path / "run"),
+        str(tmp_path / "out"),
+        "--max-shard-size",
+        "100KB",
+    ]
+    # --overwrite replaces only a folder qwen15 wrote: the user's keep.txt stays
+    assert main([*convert, "--overwrite"]) == 2
+    assert "not written by qwen15" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert main(convert) == 0  # an empty folder is taken
+    assert main(convert) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*convert, "--overwrite"]) == 0  # our own export is replaced
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded, one shard in memory at a time
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"

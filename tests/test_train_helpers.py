@@ -31,14 +31,10 @@ def random_documents(n: int, seed: int, vocab: int = VOCAB, lo: int = 4, hi: int
 
 
 def make_dataset(folder: Path, layout: str, n_docs: int = 120, seed: int = 0, seq: int = SEQ) -> Path:
-    from qwen15.demo.dataset import pack_documents, pad_documents, write_dataset
+    from qwen15.data.writer import write_documents
 
     docs = random_documents(n_docs, seed)
-    if layout == "pack":
-        tokens, mask, doc_ids = pack_documents(docs, seq, pad_id=0)
-        return write_dataset(folder, tokens, mask, doc_ids, type="chat", vocab_size=VOCAB)
-    tokens, mask = pad_documents(docs, seq, pad_id=0)
-    return write_dataset(folder, tokens, mask, type="chat", vocab_size=VOCAB)
+    return write_documents(folder, docs, seq_length=seq, layout=layout, type="chat", vocab_size=VOCAB)
 
 
 BASE = {
@@ -134,7 +130,7 @@ def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
     from qwen15 import Qwen
-    from qwen15.config import ModelConfig
+    from qwen15.model_config import ModelConfig
 
     cfg = ModelConfig.from_json_file(checkpoint / "config.json")
     with torch.device("meta"):

@@ -1,9 +1,12 @@
 """Multi-turn chat: the conversation, its rendering in the checkpoint's chat template, and the context window.
 
 `ChatSession.ask(question)` streams the reply (text deltas) and adds both turns to the history. With
-history off each question is answered alone. When the rendered conversation plus room for the reply
-(max_new_tokens) no longer fits the context window, the oldest user/assistant exchanges are dropped first; the
-system prompt and the current question are never dropped. The terminal loop lives in qwen15.commands.chat.
+history off each question is answered alone. The session keeps one engine (qwen15.generation.Generator with
+prefix reuse), so a turn does not recompute the KV of the conversation before it. When the rendered conversation
+plus room for the reply (max_new_tokens, at most half the window) no longer fits the context window, the oldest
+user/assistant exchanges are dropped first; the system prompt and the current question are never dropped. A reply
+gets max_new_tokens or the room the conversation leaves in the window, whichever is less (as `generate` clamps);
+only a question that leaves no room at all is refused. The terminal loop lives in qwen15.commands.chat.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
 from qwen15.errors import UserError
-from qwen15.generation import Completion, default_stop_ids, stream_generate
+from qwen15.generation import Completion, Generator, default_stop_ids
 from qwen15.sampling import SamplingParams
 
 DEMO_QUESTIONS = ("你好", "给我讲一个年轻人奋斗创业最终取得成功的故事。", "给这个故事起一个标题")
@@ -40,10 +43,22 @@ class ChatSession:
     turns: list[dict[str, str]] = field(default_factory=list)  # user/assistant messages, oldest first
     dropped_turns: int = 0  # exchanges dropped from the front to fit the window, since the last clear
     last_completion: Completion | None = None
+    _generator: Generator | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        limit = self.model.config.max_position_embeddings
+        if self.context_window is not None and not 1 <= self.context_window <= limit:
+            raise ChatError(
+                f"--context-window {self.context_window}: must lie between 1 and the model's context, {limit} tokens"
+            )
+        if self.max_new_tokens < 1:
+            raise ChatError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
 
     @property
     def window(self) -> int:
-        return self.context_window or self.model.config.max_position_embeddings
+        return (
+            self.model.config.max_position_embeddings if self.context_window is None else self.context_window
+        )
 
     def clear(self) -> None:
         """Start a new conversation (the system prompt stays)."""
@@ -58,25 +73,32 @@ class ChatSession:
             msgs.append({"role": "user", "content": question})
         return msgs
 
+    @property
+    def reply_room(self) -> int:
+        """Tokens kept free for the reply when old exchanges are dropped: max_new_tokens, but at most half the
+        window, so that a max_new_tokens beyond the context still leaves room for a conversation."""
+        return max(1, min(self.max_new_tokens, self.window // 2))
+
     def prompt_ids(self, question: str) -> list[int]:
         """Token ids of the conversation with the generation prompt, after dropping the oldest exchanges as needed
-        to leave max_new_tokens of room in the window."""
-        limit = self.window - self.max_new_tokens
-        if limit <= 0:
-            raise ChatError(
-                f"max_new_tokens ({self.max_new_tokens}) leaves no room in the context window ({self.window})"
-            )
+        to leave `reply_room` tokens in the window."""
         while True:
             ids = self.tokenizer.apply_chat_template(self.messages(question), add_generation_prompt=True)
-            if len(ids) <= limit:
-                return ids
-            if not (self.history and self.turns):
-                raise ChatError(
-                    f"the question needs {len(ids)} tokens with the system prompt, but only {limit} fit in the "
-                    f"context window ({self.window}) with {self.max_new_tokens} tokens left for the reply; "
-                    "shorten it or lower --max-new-tokens"
-                )
+            if len(ids) + self.reply_room <= self.window or not (self.history and self.turns):
+                break
             self._drop_oldest_exchange()
+        if len(ids) >= self.window:
+            limit = self.model.config.max_position_embeddings
+            raise ChatError(
+                f"the question needs {len(ids)} tokens with the system prompt, which leaves no room for a reply in "
+                f"the context window of {self.window} tokens (--context-window; the model allows up to {limit}); "
+                "shorten it"
+            )
+        return ids
+
+    def reply_budget(self, prompt_length: int) -> int:
+        """New tokens the reply may have: max_new_tokens, or what the window has left if that is less."""
+        return min(self.max_new_tokens, self.window - prompt_length)
 
     def _drop_oldest_exchange(self) -> None:
         # an exchange is a user message and the replies up to the next user message
@@ -89,32 +111,39 @@ class ChatSession:
     def ask(self, question: str) -> Iterator[str]:
         """Stream the reply to `question` (text deltas); the exchange joins the history when the reply is done."""
         ids = self.prompt_ids(question)
-        stream = stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.sampling.temperature,
-            top_k=self.sampling.top_k,
-            top_p=self.sampling.top_p,
-            repetition_penalty=self.sampling.repetition_penalty,
+        if self._generator is None or self._generator.model is not self.model:
+            self._generator = Generator(self.model, self.tokenizer, prefix_reuse=True)
+        it = self._generator.stream(
+            [ids],
+            max_new_tokens=self.reply_budget(len(ids)),
+            sampling=self.sampling,
             stop_token_ids=self._stop_ids(),
             seed=self.seed,
         )
-        yield from stream
-        self.last_completion = stream.completion
+        while True:
+            try:
+                _, delta = next(it)
+            except StopIteration as done:
+                completion = done.value[0]
+                break
+            yield delta
+        self.last_completion = completion
         if self.history:
             self.turns.append({"role": "user", "content": question})
-            self.turns.append({"role": "assistant", "content": stream.completion.text})
+            self.turns.append({"role": "assistant", "content": completion.text})
 
     def _stop_ids(self) -> list[int]:
         if self.stop_token_ids is not None:
             return list(self.stop_token_ids)
-        # a chat reply ends at <|im_end|> even when the checkpoint names only <|endoftext|> (a base model
-        # finetuned on chat data would otherwise run on)
-        ids = default_stop_ids(self.model, self.tokenizer)
-        return sorted(set(ids) | {self.tokenizer.im_end_id, self.tokenizer.endoftext_id})
+        return chat_stop_ids(self.model, self.tokenizer)
 
     def reply(self, question: str) -> str:
         """The whole reply to `question` (non-streaming form of `ask`)."""
         return "".join(self.ask(question))
+
+
+def chat_stop_ids(model, tokenizer) -> list[int]:
+    """A chat reply ends at the checkpoint's eos ids and always at <|im_end|> and <|endoftext|> (a base model
+    finetuned on chat data names only <|endoftext|> and would otherwise run on)."""
+    ids = default_stop_ids(model, tokenizer)
+    return sorted(set(ids) | {tokenizer.im_end_id, tokenizer.endoftext_id})

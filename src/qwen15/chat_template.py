@@ -1,17 +1,15 @@
 """ChatML rendering: the checkpoint's own Jinja chat template (as transformers renders it) or the built-in one, and
-conversation -> (ids, loss mask) from message spans.
+where each assistant message's content lies in the rendered text (the loss mask is built from these spans by
+`Tokenizer.encode_chat`). Works on strings only: the template and the special-token texts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qwen15.errors import UserError
-
-if TYPE_CHECKING:
-    from qwen15.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -78,21 +76,24 @@ def validate_messages(messages: list[dict[str, Any]]) -> None:
 
 
 def render_chat(
-    tokenizer: Tokenizer,
+    template: str | None,
     messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool = False,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|endoftext|>",
     **kwargs: Any,
 ) -> str:
+    """The conversation rendered by `template` (None: the built-in ChatML), as transformers renders it."""
     from jinja2 import TemplateError
 
-    template = _compile(tokenizer.chat_template or BUILTIN_CHATML_TEMPLATE)
+    compiled = _compile(template or BUILTIN_CHATML_TEMPLATE)
     try:
-        return template.render(
+        return compiled.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
-            eos_token=tokenizer.eos_token,
-            pad_token=tokenizer.pad_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
             bos_token="",
             **kwargs,
         )
@@ -100,7 +101,9 @@ def render_chat(
         raise ChatTemplateError(f"chat template failed to render: {e}") from None
 
 
-def assistant_spans(tokenizer: Tokenizer, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]]:
+def assistant_spans(
+    template: str | None, messages: list[dict[str, Any]], text: str, **tokens: str
+) -> list[tuple[int, int]]:
     """Character spans of each assistant message's content in `text` (the rendered conversation).
 
     Each span starts where the rendering of the preceding messages plus the generation prompt ends — the template
@@ -110,7 +113,7 @@ def assistant_spans(tokenizer: Tokenizer, messages: list[dict[str, Any]], text: 
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        prefix = render_chat(template, messages[:i], add_generation_prompt=True, **tokens) if i else ""
         start = len(prefix)
         end = start + len(m["content"])
         if i == 0 or not text.startswith(prefix) or text[start:end] != m["content"]:
@@ -120,40 +123,3 @@ def assistant_spans(tokenizer: Tokenizer, messages: list[dict[str, Any]], text: 
             )
         spans.append((start, end))
     return spans
-
-
-def encode_chat(
-    tokenizer: Tokenizer,
-    messages: list[dict[str, Any]],
-    *,
-    loss_on: str = "assistant",
-    add_generation_prompt: bool = False,
-) -> tuple[list[int], list[bool]]:
-    """Ids of the rendered conversation and its loss mask.
-
-    loss_on="assistant": True on the tokens of each assistant message's content and on the <|im_end|> that closes
-    it; never on role headers, the newline after <|im_end|>, or system and user turns. A token that straddles the
-    start of the content (a newline run merged with the header's newline) counts as content.
-    loss_on="all": True everywhere (the seed's behaviour).
-    """
-    if loss_on not in LOSS_MODES:
-        raise ChatTemplateError(f"loss_on must be one of {LOSS_MODES}, got {loss_on!r}")
-    validate_messages(messages)
-    text = render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
-    ids, offsets = tokenizer.encode_with_offsets(text)
-    if loss_on == "all":
-        return ids, [True] * len(ids)
-    mask = [False] * len(ids)
-    spans = assistant_spans(tokenizer, messages, text)
-    im_end = tokenizer.im_end_id
-    t = 0
-    for start, end in spans:
-        while t < len(ids) and offsets[t][1] <= start:
-            t += 1
-        while t < len(ids) and offsets[t][0] < end:
-            mask[t] = True
-            t += 1
-        if t < len(ids) and ids[t] == im_end and offsets[t][0] == end:
-            mask[t] = True
-            t += 1
-    return ids, mask

@@ -3,18 +3,20 @@
 Parity with transformers' Qwen2ForCausalLM decides every numerical detail here (RMSNorm in fp32, rotary angles in
 fp32, softmax in fp32 inside SDPA). Parameter names follow the Hugging Face layout without the "model." prefix, so
 the checkpoint adapter is a prefix rename. No parallelism code lives here: tensor, pipeline and data parallelism
-are applied from outside (qwen15.train.parallelize). Shapes are read from the tensors (`view(..., -1, head_dim)`),
+are applied from outside (qwen15.parallel.parallelize). Shapes are read from the tensors (`view(..., -1, head_dim)`),
 so a tensor-parallel shard of a projection works unchanged; stages of a pipeline may set `embed_tokens`, `norm`
 or `lm_head` to None and delete layers (kept in a ModuleDict so the remaining names stay those of the checkpoint).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +62,7 @@ class KVCache:
 
     Buffers are created on first use with the shape, dtype and device of the keys written (so a tensor-parallel
     shard gets a cache of its local heads), or up front with `allocate`. Writes go to the slots named by
-    `cache_positions`, shared by every row of the batch.
+    `cache_positions`: [seq] shared by every row of the batch, or [batch, seq] for rows at different lengths.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int):
@@ -84,12 +86,34 @@ class KVCache:
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(2, slots, k)
-        vc.index_copy_(2, slots, v)
+        if slots.dim() == 1:
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+        else:
+            rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
+            kc[rows, :, slots] = k.transpose(1, 2)
+            vc[rows, :, slots] = v.transpose(1, 2)
         return kc, vc
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+@dataclass
+class AttentionInputs:
+    """What every block's attention needs besides the hidden states; computed once per forward.
+
+    cos, sin [batch, seq, head_dim]: rotary embeddings of the positions. mask: boolean SDPA mask, or None for plain
+    causal attention. kv_cache, cache_positions [seq] or [batch, seq]: decoding with a cache (the new keys go to
+    these slots); key_len: attention reads only the first key_len slots of the cache.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    kv_cache: KVCache | None = None
+    cache_positions: torch.Tensor | None = None
+    key_len: int | None = None
 
 
 class Attention(nn.Module):
@@ -102,43 +126,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=True)
         self.v_proj = nn.Linear(h, kv, bias=True)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, h, bias=False)
-        self.qkv_sizes: list[int] | None = None  # set by fuse_projections
 
-    def fuse_projections(self) -> None:
-        """Replace q_proj, k_proj and v_proj by one `qkv_proj` (same outputs): one larger matrix product instead
-        of three small ones, which is what a batch-1 decode step on a GPU is short of."""
-        parts = [self.q_proj, self.k_proj, self.v_proj]
-        self.qkv_proj = _concat_linears(parts)
-        self.qkv_sizes = [p.out_features for p in parts]
-        del self.q_proj, self.k_proj, self.v_proj
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [batch, seq, heads x head_dim] of the hidden states."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        kv_cache: KVCache | None = None,
-        cache_positions: torch.Tensor | None = None,
-        key_len: int | None = None,
-    ) -> torch.Tensor:
+    def rotated_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries and keys with the rotary embedding applied, and values: [batch, heads, seq, head_dim] each."""
         b, s, _ = x.shape
-        if self.qkv_sizes is not None:  # rotate q and k heads in one go (half the small ops of a decode step)
-            nq, nk, _ = self.qkv_sizes
-            qkv = self.qkv_proj(x)
-            qk = apply_rotary(qkv[..., : nq + nk].view(b, s, -1, self.head_dim).transpose(1, 2), cos, sin)
-            q, k = qk.split([nq // self.head_dim, nk // self.head_dim], dim=1)
-            v = qkv[..., nq + nk :].view(b, s, -1, self.head_dim).transpose(1, 2)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
-            k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
-            v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, cache_positions, k, v)
-            if key_len is not None:
-                k, v = k[:, :, :key_len], v[:, :, :key_len]
+        q, k, v = self.project(x)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.rotated_heads(x, inputs.cos, inputs.sin)
+        if inputs.kv_cache is not None:
+            k, v = inputs.kv_cache.update(self.layer_idx, inputs.cache_positions, k, v)
+            if inputs.key_len is not None:
+                k, v = k[:, :, : inputs.key_len], v[:, :, : inputs.key_len]
+        mask = inputs.mask
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
         )
@@ -151,37 +160,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.fused = False
 
-    def fuse_projections(self) -> None:
-        """Replace gate_proj and up_proj by one `gate_up_proj` (same outputs), as Attention.fuse_projections."""
-        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
-        self.fused = True
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_and_up(x)
         return self.down_proj(F.silu(gate) * up)
-
-
-@torch.no_grad()
-def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One nn.Linear whose output is the concatenation of the given ones' outputs. Other module types (swapped in
-    from outside, e.g. quantized ones) concatenate themselves through their `concat` classmethod."""
-    if not isinstance(linears[0], nn.Linear):
-        return type(linears[0]).concat(linears)
-    w = linears[0].weight
-    has_bias = linears[0].bias is not None
-    fused = nn.Linear(
-        w.shape[1], sum(m.out_features for m in linears), bias=has_bias, device=w.device, dtype=w.dtype
-    )
-    fused.weight.copy_(torch.cat([m.weight for m in linears]))
-    if has_bias:
-        fused.bias.copy_(torch.cat([m.bias for m in linears]))
-    return fused
 
 
 class Block(nn.Module):
@@ -192,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_positions=None, key_len=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_positions, key_len)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,18 +199,21 @@ def attention_mask(
     document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean SDPA mask [batch or 1, 1, queries, keys]: causal over slots, minus padded keys and other documents.
+    query_slots: [queries] shared by the batch, or [batch, queries] when rows sit at different lengths.
 
     Every query keeps its own slot so that no row is fully masked (a fully masked row gives NaN, which would reach
     real tokens through the cache of padded positions).
     """
     key_slots = torch.arange(key_len, device=query_slots.device)
-    causal = key_slots[None, :] <= query_slots[:, None]
-    mask = causal[None, None]
+    queries = query_slots[..., :, None]
+    causal, own = key_slots <= queries, key_slots == queries  # [(batch,) queries, keys]
+    lead = (None, None) if query_slots.dim() == 1 else (slice(None), None)
+    mask = causal[lead]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :key_len].bool()
     if document_ids is not None:
         mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
-    return mask | (key_slots[None, :] == query_slots[:, None])[None, None]
+    return mask | own[lead]
 
 
 class Qwen(nn.Module):
@@ -240,22 +228,6 @@ class Qwen(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config: dict | None = None  # generation_config.json of the checkpoint, when loaded
         self.tie_weights()
-
-    def fuse_projections(self) -> Qwen:
-        """For inference: one matrix for q/k/v and one for gate/up in every block (same outputs, fewer and larger
-        kernels: 0.5B batch-1 decode on an H200 went from ~590 to ~820 tokens/s, bench/RESULTS.md). In place;
-        returns the model. A fused model keeps working for generation, int8 and CPU packing, but it is not saved
-        or split for tensor parallelism: load the checkpoint again for that."""
-        for block in self.layers.values():
-            if block.self_attn.qkv_sizes is None:
-                block.self_attn.fuse_projections()
-            if not block.mlp.fused:
-                block.mlp.fuse_projections()
-        return self
-
-    @property
-    def projections_fused(self) -> bool:
-        return any(block.mlp.fused for block in self.layers.values())
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
@@ -292,8 +264,8 @@ class Qwen(nn.Module):
         position_ids [batch, seq]: explicit positions; by default 0.. (restarting at each document when
             document_ids is given, continuing from cache_positions with a cache).
         document_ids [batch, seq]: packed documents; a token attends only to earlier tokens of its own document.
-        kv_cache, cache_positions [seq]: decode with a cache; the new keys go to these slots and each query attends
-            to every slot up to its own.
+        kv_cache, cache_positions [seq] or [batch, seq]: decode with a cache; the new keys go to these slots and
+            each query attends to every slot up to its own.
         key_padding_mask [batch, key_len] (bool): False marks cache slots to ignore (left padding); with a cache,
             attention reads only the first key_len slots.
         return_hidden: return the final hidden states (after the last norm, when present) instead of logits.
@@ -309,7 +281,7 @@ class Qwen(nn.Module):
             if cache_positions is None:
                 raise ValueError("cache_positions is required with a KV cache")
             if position_ids is None:
-                position_ids = cache_positions[None, :].expand(b, s)
+                position_ids = cache_positions.expand(b, s)
             key_len = key_padding_mask.shape[1] if key_padding_mask is not None else kv_cache.max_len
             mask = attention_mask(cache_positions, key_len, key_padding_mask)
         else:
@@ -324,8 +296,9 @@ class Qwen(nn.Module):
             else:
                 mask = attention_mask(torch.arange(s, device=x.device), s, key_padding_mask, document_ids)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        inputs = AttentionInputs(cos, sin, mask, kv_cache, cache_positions, key_len)
         for layer in self.layers.values():
-            x = layer(x, cos, sin, mask, kv_cache, cache_positions, key_len)
+            x = layer(x, inputs)
         if self.norm is not None:
             x = self.norm(x)
         if last_only:
@@ -356,8 +329,9 @@ class Qwen(nn.Module):
     def from_pretrained(
         cls, path: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
     ) -> Qwen:
-        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors); see qwen15.checkpoint."""
-        from qwen15.checkpoint import load_pretrained
+        """Load a Hugging Face Qwen1.5 folder (config.json + safetensors) in eval mode; see qwen15.hf_checkpoint.
+        For fast generation pass the model through qwen15.prepare_for_inference."""
+        from qwen15.hf_checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
@@ -368,15 +342,11 @@ class Qwen(nn.Module):
         tokenizer=None,
         max_shard_size: int | str = "5GB",
         generation_config: dict | None = None,
+        overwrite: bool = True,
     ) -> None:
-        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.checkpoint."""
-        from qwen15.checkpoint import CheckpointError, save_pretrained
-
-        if self.projections_fused:
-            raise CheckpointError(
-                f"cannot save to {path}: this model's projections were fused for inference (fuse_projections), "
-                "which changes its tensor names; save a model loaded without fusing"
-            )
+        """Write a Hugging Face folder that transformers loads unchanged; see qwen15.hf_checkpoint (an existing
+        folder is replaced only when qwen15 wrote it)."""
+        from qwen15.hf_checkpoint import save_pretrained
 
         save_pretrained(
             self,
@@ -384,6 +354,7 @@ class Qwen(nn.Module):
             tokenizer=tokenizer,
             max_shard_size=max_shard_size,
             generation_config=generation_config,
+            overwrite=overwrite,
         )
 
     def num_params(self) -> int:

@@ -36,6 +36,11 @@ class PerplexityResult:
         return self.nll_sum / self.tokens_scored
 
 
+def _exp(x: float) -> float:
+    """e**x, infinite beyond float range (a model far off the text has a perplexity too large to print)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
 def windows(num_tokens: int, seq_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, number of scored tokens at the end of the window) for each window."""
     out, prev_end = [], 0
@@ -101,7 +106,7 @@ def perplexity(
         scored_total += scored
         if bar is not None:
             bar.update(scored)
-            bar.set_postfix(ppl=f"{math.exp(nll_sum / scored_total):.3f}")
+            bar.set_postfix(ppl=f"{_exp(nll_sum / scored_total):.3f}")
     if bar is not None:
         bar.close()
-    return PerplexityResult(math.exp(nll_sum / scored_total), nll_sum, scored_total, len(plan))
+    return PerplexityResult(_exp(nll_sum / scored_total), nll_sum, scored_total, len(plan))

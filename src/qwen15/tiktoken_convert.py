@@ -9,11 +9,16 @@ import base64
 import json
 from pathlib import Path
 
-from qwen15.atomic import atomic_write_text
+from qwen15.atomic import atomic_directory, atomic_write_text, check_output_folder
 from qwen15.tokenizer import TokenizerError, bytes_to_unicode
 
 
 def read_rank_file(path: str | Path) -> dict[bytes, int]:
+    """token bytes -> rank; a TokenizerError naming the file (and line) for anything but a complete rank file."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise TokenizerError(f"{path}: {what}; pass a tiktoken rank file (e.g. qwen.tiktoken)")
     ranks: dict[bytes, int] = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -24,8 +29,16 @@ def read_rank_file(path: str | Path) -> dict[bytes, int]:
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, base64.binascii.Error):
                 raise TokenizerError(f"{path}:{lineno}: expected '<base64 token> <rank>'") from None
+    if not ranks:
+        raise TokenizerError(f"{path}: no tokens (an empty rank file); pass a tiktoken rank file")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: ranks are not the numbers 0..{len(ranks) - 1} without gaps")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"{path}: {len(missing)} of the 256 single bytes have no rank (e.g. byte {missing[0]}); a byte-level "
+            "BPE rank file lists every byte"
+        )
     return ranks
 
 
@@ -62,10 +75,15 @@ def rank_file_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], 
     return vocab, merges
 
 
-def convert(rank_file: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+def convert(
+    rank_file: str | Path, out_dir: str | Path, *, overwrite: bool = False, flag: str = "OUT_DIR"
+) -> tuple[Path, Path]:
+    """Write vocab.json and merges.txt into the folder `out_dir` (the output rule of qwen15.atomic)."""
+    rule = dict(overwrite=overwrite, inputs=[rank_file], flag=flag)
+    check_output_folder(out_dir, **rule)  # before the work
     vocab, merges = rank_file_to_vocab_merges(read_rank_file(rank_file))
+    with atomic_directory(out_dir, **rule, kind="tokenizer") as tmp:
+        atomic_write_text(tmp / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
+        atomic_write_text(tmp / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "vocab.json", json.dumps(vocab, ensure_ascii=False, separators=(",", ":")))
-    atomic_write_text(out / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     return out / "vocab.json", out / "merges.txt"

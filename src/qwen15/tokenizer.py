@@ -1,7 +1,7 @@
 """The Qwen1.5 tokenizer: byte-level BPE on the `tokenizers` library, special tokens, decoding and streaming.
 
-Chat rendering (ChatML, loss masks) lives in qwen15.chat_template; `Tokenizer.apply_chat_template` and
-`Tokenizer.encode_chat` are its entry points.
+Chat rendering lives in qwen15.chat_template; `Tokenizer.apply_chat_template` renders and encodes a conversation,
+`Tokenizer.encode_chat` adds the loss mask built from the assistant messages' spans.
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from qwen15.config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from qwen15.chat_template import (
+    BUILTIN_CHATML_TEMPLATE,
+    LOSS_MODES,
+    ChatTemplateError,
+    assistant_spans,
+    render_chat,
+    validate_messages,
+)
 from qwen15.errors import UserError
+from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, IM_START_ID
+from qwen15.paths import local_folder
 
 # Pre-tokenizer split of Qwen (cl100k-like, but single digits: \p{N} alone).
 QWEN_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -147,11 +156,7 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
-        folder = Path(path)
-        if not folder.is_dir():
-            from qwen15.checkpoint import missing_folder_message
-
-            raise TokenizerError(missing_folder_message(str(path), "tokenizer"))
+        folder = local_folder(path, "tokenizer", "vocab.json + merges.txt, or tokenizer.json")
         config = (
             _read_json(folder / "tokenizer_config.json")
             if (folder / "tokenizer_config.json").exists()
@@ -227,8 +232,6 @@ class Tokenizer:
         atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
 
     def hf_tokenizer_config(self) -> dict[str, Any]:
-        from qwen15.chat_template import BUILTIN_CHATML_TEMPLATE
-
         added = {
             str(idx): {
                 "content": content,
@@ -306,10 +309,6 @@ class Tokenizer:
         backend = self.backend if allow_special else self._literal()
         return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.backend.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
-
     def token_bytes(self, token_id: int) -> bytes:
         table = self._id_bytes
         if not 0 <= token_id < len(table) or table[token_id] is None:
@@ -362,10 +361,17 @@ class Tokenizer:
         **template_kwargs: Any,
     ):
         """ChatML ids (or text with tokenize=False) equal to transformers' apply_chat_template."""
-        from qwen15.chat_template import render_chat
-
-        text = render_chat(self, messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        text = render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **self._template_tokens(),
+            **template_kwargs,
+        )
         return self.encode(text) if tokenize else text
+
+    def _template_tokens(self) -> dict[str, str]:
+        return {"eos_token": self.eos_token, "pad_token": self.pad_token}
 
     def encode_chat(
         self,
@@ -374,10 +380,33 @@ class Tokenizer:
         loss_on: str = "assistant",
         add_generation_prompt: bool = False,
     ) -> tuple[list[int], list[bool]]:
-        """Ids of the rendered conversation and a per-token loss mask built from the message spans."""
-        from qwen15.chat_template import encode_chat
+        """Ids of the rendered conversation and a per-token loss mask built from the message spans.
 
-        return encode_chat(self, messages, loss_on=loss_on, add_generation_prompt=add_generation_prompt)
+        loss_on="assistant": True on the tokens of each assistant message's content and on the <|im_end|> that
+        closes it; never on role headers, the newline after <|im_end|>, or system and user turns. A token that
+        straddles the start of the content (a newline run merged with the header's newline) counts as content.
+        loss_on="all": True everywhere (the seed's behaviour).
+        """
+        if loss_on not in LOSS_MODES:
+            raise ChatTemplateError(f"loss_on must be one of {LOSS_MODES}, got {loss_on!r}")
+        validate_messages(messages)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        ids, offsets = enc.ids, enc.offsets
+        if loss_on == "all":
+            return ids, [True] * len(ids)
+        mask = [False] * len(ids)
+        t = 0
+        for start, end in assistant_spans(self.chat_template, messages, text, **self._template_tokens()):
+            while t < len(ids) and offsets[t][1] <= start:
+                t += 1
+            while t < len(ids) and offsets[t][0] < end:
+                mask[t] = True
+                t += 1
+            if t < len(ids) and ids[t] == self.im_end_id and offsets[t][0] == end:
+                mask[t] = True
+                t += 1
+        return ids, mask
 
 
 def _read_json(path: Path) -> dict[str, Any]:

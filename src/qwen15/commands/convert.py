@@ -1,8 +1,9 @@
-"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder.
-
-`qwen15 convert --quantize int8|int4 SOURCE OUTDIR`: a Hugging Face folder (or a training checkpoint) -> a quantized
-folder that generate/chat load without quantizing again (format: qwen15.quantize.saved).
-"""
+"""`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder;
+`--to peft`: the adapters of a LoRA run -> PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+`--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints
+(docs/migrate.md).
+`--quantize int8|int4 SOURCE OUTDIR`: a Hugging Face folder (or a training checkpoint) -> a quantized folder that
+generate/chat load without quantizing again (format: qwen15.quantize.saved)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,35 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--to", choices=["hf"], default="hf", help="output format (Hugging Face folder)")
+    parser.add_argument(
+        "--to",
+        choices=["hf", "peft", "mindspore"],
+        default="hf",
+        help="output format: hf (Hugging Face model folder, the default), peft (the adapters of a LoRA run) or "
+        "mindspore (a MindFormers .ckpt)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=["qwen15", "mindspore"],
+        default="qwen15",
+        help="input format (default: a qwen15 training checkpoint)",
+    )
     parser.add_argument(
         "checkpoint",
-        help="a checkpoint folder (step-XXXXXXXX), or a run / checkpoints directory (its latest complete one)",
+        help="a checkpoint folder (step-XXXXXXXX), or a run / checkpoints directory (its latest complete one); "
+        "with --from mindspore a .ckpt file or a folder of rank_N/ folders; with --to mindspore a Hugging Face "
+        "folder",
     )
-    parser.add_argument("out_dir", help="Hugging Face folder to write (config, safetensors, tokenizer files)")
+    parser.add_argument(
+        "out_dir",
+        help="folder to write (hf: config, safetensors, tokenizer files; peft: adapter), or OUT.ckpt",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32", "float16"],
-        help="weight dtype (auto: the model's torch_dtype, bfloat16 for Qwen1.5)",
+        help="weight dtype (auto: the model's torch_dtype; with MindSpore files, the stored dtype)",
     )
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="export as a chat model")
@@ -38,14 +57,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="int4 columns per scale (default 64)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only a folder qwen15 wrote)"
+    )
+    ms = parser.add_argument_group("MindSpore / MindFormers (docs/migrate.md)")
+    ms.add_argument(
+        "--config",
+        help="--from mindspore: model shapes, a MindFormers YAML (model.model_config) or a config.json",
+    )
+    ms.add_argument("--tokenizer", help="--from mindspore: tokenizer folder to copy into the output")
+    ms.add_argument(
+        "--qkv-layout",
+        choices=["concat", "interleaved"],
+        help="row order of fused w_qkv / w_gate_hidden: concat (MindFormers <= 1.3) or interleaved (>= 1.4); "
+        "--from: required when a fused checkpoint is ambiguous; --to: write fused tensors (default: unfused)",
+    )
+    ms.add_argument("--strategy", help="--from mindspore: strategy file or folder of per-rank checkpoints")
+    ms.add_argument(
+        "--skip-lora", action="store_true", help="--from mindspore: convert base weights, drop LoRA"
+    )
+    ms.add_argument(
+        "--crc", action="store_true", help="--to mindspore: append a CRC (save_checkpoint crc_check)"
+    )
+    ms.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_ONLY = {  # option -> the directions it belongs to
+    "config": ("from",),
+    "tokenizer": ("from",),
+    "strategy": ("from",),
+    "skip_lora": ("from",),
+    "crc": ("to",),
+    "qkv_layout": ("from", "to"),
+}
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that the chosen direction would ignore."""
+    from qwen15.errors import UserError
+
+    direction = "from" if args.source == "mindspore" else "to" if args.to == "mindspore" else None
+    for name, allowed in _ONLY.items():
+        if getattr(args, name) not in (None, False) and direction not in allowed:
+            where = " or ".join(f"--{d} mindspore" for d in allowed)
+            raise UserError(f"--{name.replace('_', '-')} applies to {where} only")
+    if args.source == "mindspore" and args.to == "peft":
+        raise UserError(
+            "--from mindspore --to peft: convert the base weights with --to hf (--skip-lora drops the adapters)"
+        )
+    if args.quantize and (args.to != "hf" or args.source != "qwen15"):
+        raise UserError("--quantize writes a qwen15 quantized folder; it does not combine with --to/--from")
+    if args.group_size and args.quantize != "int4":
+        raise UserError("--group-size applies to --quantize int4 only")
+    if direction == "to" and args.chat is not None:
+        raise UserError("--chat/--base do not apply to --to mindspore (a .ckpt holds weights only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwen15.train.export import export_hf
-
-    if args.quantize:
+    _check_options(args)
+    if args.quantize or args.group_size:
         return _quantize(args)
+    if args.source == "mindspore" or args.to == "mindspore":
+        return _mindspore(args)
+    import sys
+
+    from qwen15.train.export import export_hf, export_peft
+
+    if args.to == "peft":
+        warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        print(f"wrote {export_peft(args.checkpoint, args.out_dir, overwrite=args.overwrite, warn=warn)}")
+        return 0
+
     out = export_hf(
         args.checkpoint,
         args.out_dir,
@@ -53,31 +135,92 @@ def run(args: argparse.Namespace) -> int:
         chat=args.chat,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        warn=lambda m: print(m, file=sys.stderr),
     )
     print(f"wrote {out}")
     return 0
 
 
+def _mindspore(args: argparse.Namespace) -> int:
+    from qwen15.errors import UserError
+    from qwen15.mindspore.convert import hf_to_mindspore, mindspore_to_hf
+
+    if args.source == "mindspore" and args.to == "mindspore":
+        raise UserError("--from mindspore and --to mindspore together: nothing to convert")
+    if args.to == "mindspore":
+        s = hf_to_mindspore(
+            args.checkpoint,
+            args.out_dir,
+            dtype=args.dtype,
+            qkv_layout=args.qkv_layout,
+            crc=args.crc,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+    else:
+        if not args.config:
+            raise UserError(
+                "--from mindspore needs the model shapes: --config MINDFORMERS.yaml (the run's YAML) or "
+                "--config config.json (the Hugging Face config of the same model)"
+            )
+        from qwen15.mindspore.mindformers_config import load_model_config
+
+        config, _ = load_model_config(args.config)
+        if args.chat is not None:  # as `--to hf` does: a chat model stops on <|im_end|>
+            from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID
+
+            config = config.replace(eos_token_id=IM_END_ID if args.chat else ENDOFTEXT_ID)
+        s = mindspore_to_hf(
+            args.checkpoint,
+            args.out_dir,
+            config,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            qkv_layout=args.qkv_layout,
+            strategy=args.strategy,
+            skip_lora=args.skip_lora,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+    print(f"wrote {args.out_dir} ({s.bytes / 1e6:,.1f} MB in {s.seconds:.1f} s)")
+    print("\n".join(s.lines()))
+    return 0
+
+
 def _quantize(args: argparse.Namespace) -> int:
+    """SOURCE is a Hugging Face folder, or a training checkpoint exported first to a temporary Hugging Face
+    folder beside the output (removed afterwards, whatever happens)."""
+    import sys
     import tempfile
     from pathlib import Path
 
-    from qwen15.checkpoint import CheckpointError
+    from qwen15.atomic import check_output_folder
     from qwen15.quantize.saved import quantize_folder
     from qwen15.train.export import export_hf
 
-    source, out = Path(args.checkpoint), Path(args.out_dir)
-    if not args.overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    source = Path(args.checkpoint)
+    out = check_output_folder(args.out_dir, overwrite=args.overwrite, inputs=[source], flag="OUT_DIR")
     hf = any((source / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
     if hf:
         quantize_folder(source, out, args.quantize, group_size=args.group_size, overwrite=args.overwrite)
-    else:  # a training checkpoint: through a Hugging Face folder beside the output, removed after
+    else:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".hf", dir=out.parent) as tmp:
-            export_hf(args.checkpoint, Path(tmp) / "hf", dtype="bfloat16", chat=args.chat)
+            hf_dir = export_hf(
+                args.checkpoint,
+                Path(tmp) / "hf",
+                dtype="bfloat16",
+                chat=args.chat,
+                warn=lambda m: print(m, file=sys.stderr),
+            )
             quantize_folder(
-                Path(tmp) / "hf", out, args.quantize, group_size=args.group_size, overwrite=args.overwrite
+                hf_dir,
+                out,
+                args.quantize,
+                group_size=args.group_size,
+                overwrite=args.overwrite,
+                inputs=[source],
             )
     print(f"wrote {out} ({args.quantize})")
     return 0

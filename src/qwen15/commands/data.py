@@ -1,10 +1,13 @@
-"""`qwen15 data alpaca-to-chat`, `qwen15 data preprocess` and `qwen15 data inspect` (docs/data.md)."""
+"""`qwen15 data alpaca-to-chat`, `preprocess`, `inspect` (docs/data.md) and `from-mindrecord` (docs/migrate.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any
+
+from qwen15.commands.options import bounded, utf8_text
+from qwen15.data.inputs import MAX_SEQ_LENGTH
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--input", "--data_path", nargs="+", required=True, help="Alpaca files (paths or globs)")
     p.add_argument("--output", "--output_path", required=True, help="the JSON Lines file to write")
     p.add_argument(
-        "--system-prompt", default=None, help="system turn (default: 'You are a helpful assistant.')"
+        "--system-prompt",
+        default=None,
+        type=utf8_text("--system-prompt"),
+        help="system turn (default: 'You are a helpful assistant.')",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report how many")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -43,11 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-file", "--vocab_file", help="vocab.json (with --merges-file, like the seed)")
     p.add_argument("--merges-file", "--merges_file", help="merges.txt (with --vocab-file)")
     p.add_argument(
-        "--seq-length", "--seq_length", type=int, required=True, help="rows hold seq_length + 1 tokens"
+        "--seq-length",
+        "--seq_length",
+        type=bounded(int, 1, MAX_SEQ_LENGTH),
+        required=True,
+        help="rows hold seq_length + 1 tokens",
     )
     p.add_argument("--output", required=True, help="dataset folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--workers", type=bounded(int, 1), default=1, help="tokenizer processes (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("wiki and text")
     g.add_argument(
@@ -87,16 +97,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--system-prompt",
         default=None,
+        type=utf8_text("--system-prompt"),
         help="system turn for Alpaca records (default 'You are a helpful assistant.') and for conversations "
         "without one (default: the chat template's)",
     )
     g.add_argument("--skip-bad", action="store_true", help="skip bad records and report how many")
 
+    p = sub.add_parser(
+        "from-mindrecord",
+        help="a MindRecord data set of the seed's preprocessing -> dataset folder",
+        description="Rows of a MindRecord file (input_ids; or input_ids, target_ids, attention_mask) written by "
+        "the seed's qwen1_5_preprocess.py -> a dataset folder, ids kept exactly. See docs/migrate.md.",
+    )
+    p.add_argument("file", help="the .mindrecord file (or the first shard, NAME0); its .db index beside it")
+    p.add_argument("output", help="dataset folder to create")
+    p.add_argument("--tokenizer", help="tokenizer folder the data was made with (recorded in meta.json)")
+    p.add_argument("--vocab-file", "--vocab_file", help="vocab.json (with --merges-file, like the seed)")
+    p.add_argument("--merges-file", "--merges_file", help="merges.txt (with --vocab-file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("inspect", help="show a dataset folder's meta.json and decode some rows")
     p.add_argument("folder")
-    p.add_argument("--rows", type=int, nargs="*", default=[0], help="rows to show (default: 0)")
+    p.add_argument("--rows", type=bounded(int, 0), nargs="*", default=[0], help="rows to show (default: 0)")
     p.add_argument("--tokenizer", help="tokenizer folder, to decode the rows")
-    p.add_argument("--chars", type=int, default=600, help="characters of each row to print (default 600)")
+    p.add_argument(
+        "--chars", type=bounded(int, 1), default=600, help="characters of each row to print (default 600)"
+    )
 
 
 def _tokenizer(args: argparse.Namespace):
@@ -117,9 +144,35 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"alpaca-to-chat": _alpaca_to_chat, "preprocess": _preprocess, "inspect": _inspect}[
-        args.data_command
-    ](args)
+    return {
+        "alpaca-to-chat": _alpaca_to_chat,
+        "preprocess": _preprocess,
+        "inspect": _inspect,
+        "from-mindrecord": _from_mindrecord,
+    }[args.data_command](args)
+
+
+def _from_mindrecord(args: argparse.Namespace) -> int:
+    from qwen15.data.writer import check_output
+    from qwen15.mindspore.mindrecord import MindRecord
+    from qwen15.mindspore.records_to_dataset import mindrecord_to_dataset
+
+    check_output(args.output, args.overwrite)
+    MindRecord(args.file)  # a bad file is refused before the tokenizer loads
+    meta = mindrecord_to_dataset(
+        args.file,
+        args.output,
+        _tokenizer(args),
+        overwrite=args.overwrite,
+        command=_command(args),
+        quiet=args.quiet,
+    )
+    print(
+        f"wrote {args.output}: {meta['rows']:,} rows of {meta['seq_length'] + 1:,} tokens ({meta['type']}, layout "
+        f"{meta['layout']}, fields {', '.join(meta['mindrecord_fields'])}); {meta['loss_tokens']:,} targets, "
+        f"{meta['padding_tokens']:,} padding; {meta['seconds']:.1f} s"
+    )
+    return 0
 
 
 def _alpaca_to_chat(args: argparse.Namespace) -> int:
@@ -141,12 +194,11 @@ def _alpaca_to_chat(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from qwen15.data.inputs import DataInputError
+    from qwen15.data.inputs import expand_inputs
     from qwen15.data.writer import check_output
 
-    if args.workers < 1:
-        raise DataInputError(f"--workers must be at least 1, got {args.workers}")
-    check_output(args.output, args.overwrite)  # before the tokenizer loads
+    used = [*expand_inputs(args.input), args.tokenizer, args.vocab_file, args.merges_file]
+    check_output(args.output, args.overwrite, used)  # before the tokenizer loads
     tok = _tokenizer(args)
     common = dict(
         seq_length=args.seq_length,
@@ -227,6 +279,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from qwen15.data.dataset import TokenDataset
 
     ds = TokenDataset(args.folder)
+    from qwen15.data.inputs import DataInputError
+
+    outside = [r for r in args.rows if r >= len(ds)]
+    if outside:
+        raise DataInputError(f"--rows {outside[0]}: {args.folder} has {len(ds)} rows (0..{len(ds) - 1})")
     meta = {k: v for k, v in ds.meta.items() if k not in ("sources", "command")}
     print(json.dumps(meta, indent=2, ensure_ascii=False))
     for s in ds.meta.get("sources", []):
@@ -235,9 +292,6 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.tokenizer:
         tok = _tokenizer(argparse.Namespace(tokenizer=args.tokenizer, vocab_file=None, merges_file=None))
     for r in args.rows:
-        if not 0 <= r < len(ds):
-            print(f"row {r}: out of range (0..{len(ds) - 1})")
-            continue
         row = ds[r]
         tokens, mask = np.asarray(row["tokens"]), np.asarray(row["loss_mask"])
         print(f"--- row {r}: {int(mask[1:].sum())} targets of {len(tokens) - 1}")

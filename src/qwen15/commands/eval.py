@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwen15.commands.generate import add_model_arguments
+from qwen15.commands.options import add_model_arguments, bounded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,28 +16,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seq-length tokens moved by --stride: each window scores only the tokens the previous one did not.",
     )
     p.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file")
-    p.add_argument("--seq-length", type=int, default=1024, help="window length in tokens (default 1024)")
-    p.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
-    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file")
+    p.add_argument(
+        "--seq-length", type=bounded(int, 2), default=1024, help="window length in tokens (default 1024)"
+    )
+    p.add_argument(
+        "--stride", type=bounded(int, 1), default=512, help="tokens between window starts (default 512)"
+    )
+    p.add_argument(
+        "--max-tokens", type=bounded(int, 2), help="score only the first N tokens of the file (at least 2)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_model_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from qwen15.commands.generate import load_model
+    from qwen15.commands.options import load_model
+    from qwen15.paths import read_text_file
     from qwen15.perplexity import PerplexityError, perplexity
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise PerplexityError(f"--data {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PerplexityError(f"--data {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if args.stride > args.seq_length:
+        raise PerplexityError(f"--stride {args.stride} must not exceed --seq-length {args.seq_length}")
+    text = read_text_file(args.data, "--data")
     model, tokenizer = load_model(args)
     ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise PerplexityError(
+            f"--data {args.data}: the text has {len(ids)} token(s); perplexity needs at least 2"
+        )
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     result = perplexity(model, ids, seq_length=args.seq_length, stride=args.stride, progress=args.progress)

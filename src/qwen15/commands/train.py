@@ -19,16 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.epilog = "Any key can be overridden: --section.key value (e.g. --optim.lr 1e-5 --train.steps 100)."
-    # `--section.key value` pairs are not declared options: collect whatever argparse does not know into
-    # args.overrides (the config layer validates them and names any unknown key).
-    original = parser.parse_known_args
 
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = original(args, namespace)
-        ns.overrides = list(getattr(ns, "overrides", []) or []) + rest
-        return ns, []
 
-    parser.parse_known_args = parse_known_args
+# `--section.key value` pairs are not declared options: the CLI entry hands what argparse does not know to this
+# command as args.overrides (the config layer validates them and names any unknown key).
+TAKES_OVERRIDES = True
 
 
 def recipe_path(name: str) -> Path:
@@ -46,7 +41,7 @@ def recipe_path(name: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from qwen15.train.config import load_config
 
-    cfg = load_config(recipe_path(args.config) if args.config else None, args.overrides)
+    cfg = load_config(recipe_path(args.config) if args.config is not None else None, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from qwen15.errors import UserError
+from qwen15.model_config import IGNORE_INDEX
 
 FORMAT = "qwen15-tokens"
-IGNORE_INDEX = -100
 
 
 class DatasetError(UserError):
@@ -42,6 +42,8 @@ class TokenDataset:
             self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DatasetError(f"{meta_file}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+        if not isinstance(self.meta, dict):
+            raise DatasetError(f"{meta_file}: expected a JSON object")
         if self.meta.get("format") != FORMAT:
             raise DatasetError(f"{meta_file}: format is {self.meta.get('format')!r}, expected {FORMAT!r}")
         fingerprint = self.meta.get("tokenizer_fingerprint")
@@ -53,7 +55,10 @@ class TokenDataset:
         self.tokens = self._load("tokens.npy")
         self.loss_mask = self._load("loss_mask.npy")
         self.doc_ids = self._load("doc_ids.npy") if (self.path / "doc_ids.npy").exists() else None
-        self.seq_length = int(self.meta["seq_length"])
+        seq_length = self.meta.get("seq_length")
+        if not isinstance(seq_length, int) or isinstance(seq_length, bool) or seq_length < 1:
+            raise DatasetError(f"{meta_file}: seq_length is {seq_length!r}, expected a positive integer")
+        self.seq_length = seq_length
         for name, arr in (("tokens", self.tokens), ("loss_mask", self.loss_mask), ("doc_ids", self.doc_ids)):
             if arr is not None and arr.shape != (len(self.tokens), self.seq_length + 1):
                 raise DatasetError(

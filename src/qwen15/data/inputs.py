@@ -14,6 +14,16 @@ class DataInputError(UserError):
     """Input data that cannot be used; the message names the file (and line) and what to do."""
 
 
+# Longest rows: far beyond any Qwen1.5 context (32768), small enough that a row buffer is a few MB, not an
+# allocation of a mistyped number's size.
+MAX_SEQ_LENGTH = 1 << 20
+
+
+def check_seq_length(seq_length: int) -> None:
+    if not 1 <= seq_length <= MAX_SEQ_LENGTH:
+        raise DataInputError(f"--seq-length must lie between 1 and {MAX_SEQ_LENGTH:,}, got {seq_length:,}")
+
+
 def expand_inputs(patterns: list[str | Path]) -> list[Path]:
     """Files named by `patterns` (paths or globs), in the order given, each glob sorted; duplicates kept once."""
     files: list[Path] = []
@@ -56,8 +66,38 @@ def open_text(path: Path):
         raise DataInputError(f"{path}: cannot be opened ({e.strerror})") from None
 
 
+def first_invalid_utf8(path: Path) -> tuple[int, int, str] | None:
+    """(line, byte offset, reason) of the first bytes of `path` that are not UTF-8, read in blocks; None if all are."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                # e.object is the bytes the decoder held back from the previous block (an unfinished character,
+                # up to 3 bytes) followed by this block
+                start = e.start - (len(e.object) - len(block))
+                return line + block[: max(0, start)].count(b"\n"), offset + start, e.reason
+            if not block:
+                return None
+            offset += len(block)
+            line += block.count(b"\n")
+
+
 def decode_error(path: Path, err: UnicodeDecodeError, near_byte: int | None = None) -> DataInputError:
-    where = f" near byte {near_byte}" if near_byte is not None else ""
+    """The error for a file that is not UTF-8, with the line and byte offset of the first bad bytes (found by
+    reading the file again: a text reader's position says nothing about where its decoder stopped)."""
+    found = first_invalid_utf8(path)
+    if found is None:
+        where, reason = "", err.reason
+    else:
+        line, offset, reason = found
+        where = f":{line}"
+        reason = f"byte {offset} of the file: {reason}"
     return DataInputError(
-        f"{path}: not valid UTF-8{where} ({err.reason}); convert the file to UTF-8 (e.g. with iconv)"
+        f"{path}{where}: not valid UTF-8 ({reason}); convert the file to UTF-8 (e.g. with iconv)"
     )

@@ -20,11 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from qwen15.data.inputs import DataInputError, decode_error, describe_source, expand_inputs, open_text
-from qwen15.data.parallel import ordered_map, worker_tokenizer
+from qwen15.data.inputs import (
+    DataInputError,
+    check_seq_length,
+    decode_error,
+    describe_source,
+    expand_inputs,
+    open_text,
+)
 from qwen15.data.progress import Progress
 from qwen15.data.text_chunks import DEFAULT_CHUNK_CHARS, block_cut, read_chunks, split_pieces, text_cut
 from qwen15.data.wikitext import PARAGRAPH_SEPARATOR, clean_chunk, is_article_heading, is_heading, wiki_cut
+from qwen15.data.worker_pool import ordered_map, worker_tokenizer
 from qwen15.data.writer import RowWriter, base_meta, check_output, dataset_folder, write_meta
 from qwen15.tokenizer import Tokenizer
 
@@ -238,22 +245,22 @@ def preprocess_text(
     """Build a `rows` dataset folder from WikiText or plain text files; returns its meta.json contents."""
     if kind not in TYPES:
         raise DataInputError(f"type must be one of {TYPES}, got {kind!r}")
-    if seq_length < 1:
-        raise DataInputError(f"--seq-length must be at least 1, got {seq_length}")
+    check_seq_length(seq_length)
     if text_unit not in TEXT_UNITS:
         raise DataInputError(f"--text-unit must be one of {TEXT_UNITS}, got {text_unit!r}")
     doc_separator = doc_separator or ("none" if kind == "wiki" else "eos")
     if doc_separator not in SEPARATORS:
         raise DataInputError(f"--doc-separator must be one of {SEPARATORS}, got {doc_separator!r}")
-    check_output(output, overwrite)
     files = expand_inputs(inputs)
+    used = [*files, tokenizer.source] if tokenizer.source else files
+    check_output(output, overwrite, used)
     sources = [describe_source(p) for p in files]
     row_len = seq_length + 1
     job_kind = "wiki" if kind == "wiki" else text_unit
     separator_id = tokenizer.endoftext_id if doc_separator == "eos" else None
     start = time.perf_counter()
 
-    with dataset_folder(output, overwrite) as folder:
+    with dataset_folder(output, overwrite, used) as folder:
         with (
             RowWriter(folder, row_len) as writer,
             Progress(sum(s["bytes"] for s in sources), "B", quiet=quiet) as bar,
@@ -262,9 +269,10 @@ def preprocess_text(
             _tokenize_files(files, job_kind, chunk_chars, tokenizer, workers, stream, bar)
             leftover = stream.finish()
         if writer.rows == 0:
+            names = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
             raise DataInputError(
-                f"the input gives {stream.total} tokens, fewer than one row of seq_length + 1 = {row_len}; "
-                "use more text or a smaller --seq-length"
+                f"{names}: {stream.total} tokens, fewer than one row of seq_length + 1 = {row_len}; use more text "
+                "or a smaller --seq-length"
             )
         elapsed = time.perf_counter() - start
         meta = base_meta(kind, "rows", seq_length, tokenizer, sources, command or [])

@@ -247,11 +247,16 @@ def alpaca_to_chat(
     Returns counts: records, written, skipped (with reasons). Without skip_bad the first bad record stops it
     before anything is written.
     """
-    from qwen15.atomic import atomic_write_text
+    from qwen15.atomic import OutputError, atomic_file, check_output_file
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise DataInputError(f"{output}: exists; pass --overwrite to replace it")
+    checks = dict(
+        overwrite=overwrite, inputs=inputs, looks_ours=_is_chat_jsonl, what="JSON Lines file of ours"
+    )
+    try:
+        check_output_file(output, **checks)  # before reading anything
+    except OutputError as e:
+        raise DataInputError(str(e)) from None
     lines, skipped, seen = [], SkipLog(skip_bad), 0
     for path in inputs:
         for rec in read_records(path):
@@ -269,5 +274,22 @@ def alpaca_to_chat(
             lines.append(json.dumps({"type": "chatml", "messages": messages}, ensure_ascii=False))
     if seen == 0:
         raise DataInputError(f"{', '.join(map(str, inputs))}: no records (empty input)")
-    atomic_write_text(output, "".join(line + "\n" for line in lines))
+    with atomic_file(output, **checks) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return {"records": seen, "written": len(lines), "skipped": skipped.summary()}
+
+
+def _is_chat_jsonl(path: Path) -> bool:
+    """What alpaca-to-chat writes: an empty file, or JSON Lines starting with a {"type": "chatml", ...} record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline(1 << 20)
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and record.get("type") == "chatml" and "messages" in record

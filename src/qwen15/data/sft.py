@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from qwen15.chat_template import LOSS_MODES, ChatTemplateError
-from qwen15.data.inputs import DataInputError, describe_source, expand_inputs
+from qwen15.data.inputs import DataInputError, check_seq_length, describe_source, expand_inputs
 from qwen15.data.packing import Packer, pad_row
-from qwen15.data.parallel import ordered_map, worker_tokenizer
 from qwen15.data.progress import Progress
 from qwen15.data.records import RecordError, SkipLog, read_records, to_messages
+from qwen15.data.worker_pool import ordered_map, worker_tokenizer
 from qwen15.data.writer import RowWriter, base_meta, check_output, dataset_folder, write_meta
 from qwen15.tokenizer import Tokenizer
 
@@ -106,16 +106,16 @@ def preprocess_chat(
     ):
         if value not in allowed:
             raise DataInputError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
-    if seq_length < 1:
-        raise DataInputError(f"--seq-length must be at least 1, got {seq_length}")
-    check_output(output, overwrite)
+    check_seq_length(seq_length)
     files = expand_inputs(inputs)
+    used = [*files, tokenizer.source] if tokenizer.source else files
+    check_output(output, overwrite, used)
     sources = [describe_source(p) for p in files]
     row_len, pad_id = seq_length + 1, tokenizer.pad_id
     skipped, counts = SkipLog(skip_bad), _Counts()
     start = time.perf_counter()
 
-    with dataset_folder(output, overwrite) as folder:
+    with dataset_folder(output, overwrite, used) as folder:
         with (
             RowWriter(folder, row_len, doc_ids=layout == "pack") as writer,
             Progress(None, "conv", quiet=quiet) as bar,

@@ -1,7 +1,7 @@
 """Writing a dataset folder (the format read by qwen15.data.dataset): rows streamed to .npy files, then meta.json.
 
-The folder is built inside `atomic_directory`, so a crash or a bad record never leaves a folder that looks complete
-and never touches an existing one.
+The folder is built inside `atomic_directory` (the output rule of qwen15.atomic), so a crash or a bad record never
+leaves a folder that looks complete, never touches an existing one, and an --output that holds an input is refused.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import datetime
 import io
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qwen15.atomic import atomic_directory, atomic_write_text
-from qwen15.data.inputs import DataInputError
+from qwen15.atomic import OutputError, atomic_directory, atomic_write_text, check_output_folder
+from qwen15.data.inputs import DataInputError, check_seq_length
 
 FORMAT = "qwen15-tokens"
 VERSION = 1
@@ -105,23 +105,21 @@ class RowWriter:
 
 
 @contextlib.contextmanager
-def dataset_folder(path: str | Path, overwrite: bool) -> Iterator[Path]:
+def dataset_folder(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """A temporary folder that becomes `path` when the block succeeds (see qwen15.atomic.atomic_directory)."""
-    check_output(path, overwrite)
     try:
-        with atomic_directory(path, overwrite=overwrite) as tmp:
+        with atomic_directory(path, overwrite=overwrite, inputs=inputs, kind="dataset") as tmp:
             yield tmp
-    except FileExistsError as e:
+    except OutputError as e:
         raise DataInputError(str(e)) from None
 
 
-def check_output(path: str | Path, overwrite: bool) -> None:
-    """Refuse early (before any work) an output that exists, unless overwrite."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DataInputError(f"{path}: exists and is not a folder; choose another --output")
-    if not overwrite and path.is_dir() and any(path.iterdir()):
-        raise DataInputError(f"{path}: exists and is not empty; pass --overwrite to replace it")
+def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse early (before any work) an output that must not be written (qwen15.atomic.check_output_folder)."""
+    try:
+        check_output_folder(path, overwrite=overwrite, inputs=inputs)
+    except OutputError as e:
+        raise DataInputError(str(e)) from None
 
 
 def base_meta(kind: str, layout: str, seq_length: int, tokenizer, sources: list[dict], command: list[str]):
@@ -147,3 +145,39 @@ def base_meta(kind: str, layout: str, seq_length: int, tokenizer, sources: list[
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_documents(
+    path: str | Path,
+    documents: list[tuple[list[int], list[bool]]],
+    *,
+    seq_length: int,
+    layout: str = "pack",
+    pad_id: int = 0,
+    overwrite: bool = False,
+    **meta: Any,
+) -> Path:
+    """A dataset folder from token documents already in memory ((ids, loss mask) pairs), laid out as `qwen15 data
+    preprocess` lays out conversations: "pack" (whole documents packed into rows, the first token of each carrying
+    no loss) or "pad" (one per row, right-padded); longer documents are truncated to a row. `meta` adds keys to
+    meta.json (type, vocab_size, tokenizer_fingerprint ...)."""
+    from qwen15.data.packing import Packer, pad_row
+
+    check_seq_length(seq_length)
+    row_len = seq_length + 1
+    with dataset_folder(path, overwrite) as folder:
+        with RowWriter(folder, row_len, doc_ids=layout == "pack") as writer:
+            packer = Packer(row_len, pad_id, lambda t, m, d: writer.write(t[None], m[None], d[None]))
+            for ids, mask in documents:
+                ids, mask = np.asarray(ids[:row_len], np.uint32), np.array(mask[:row_len], bool)
+                if layout == "pack":
+                    mask[0] = False  # not predictable from its own document
+                    packer.add(ids, mask)
+                else:
+                    writer.write(*(a[None] for a in pad_row(ids, mask, row_len, pad_id)))
+            packer.finish()
+        tokens = sum(min(len(ids), row_len) for ids, _ in documents)
+        info = {"format": FORMAT, "version": VERSION, "layout": layout, "seq_length": seq_length}
+        info.update(row_length=row_len, rows=writer.rows, tokens=tokens, **meta)
+        write_meta(folder, info)
+    return Path(path)

@@ -67,17 +67,6 @@ def held_out_questions(n: int, seed: int, digits: tuple[int, int]) -> list[tuple
     return out
 
 
-def arithmetic_text(n: int, seed: int, digits: tuple[int, int]) -> str:
-    """Plain addition facts for pretraining (training pairs only)."""
-    rng = random.Random(seed + 2)
-    lines = []
-    while len(lines) < n:
-        a, b = sample_pair(rng, digits)
-        if not is_held_out(a, b):
-            lines.append(answer_text(a, b))
-    return "\n".join(lines) + "\n"
-
-
 def is_correct(reply: str, a: int, b: int) -> bool:
     """The reply's last number is the sum (digits only; a reply that trails off without one is wrong)."""
     numbers = re.findall(r"\d+", reply)

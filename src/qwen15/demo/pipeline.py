@@ -13,22 +13,23 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen15.demo import addition
 from qwen15.demo.answer import answer
 from qwen15.demo.bpe import train_bpe
 from qwen15.demo.corpus import python_docs
-from qwen15.demo.dataset import pack_documents, stream_rows, write_dataset
 
 
 @dataclass
 class DemoBudget:
-    """Sizes and steps; the defaults take about 3 minutes on 2 CPU cores. Small batches and many steps: a model
-    this size learns to add after about a million tokens, and needs fewer tokens with more, smaller updates. The
-    finetune is sized with margin: held-out accuracy reached 96-100% over seeds 0-2 with 3200 steps."""
+    """Sizes and steps of the demo; the defaults take a few minutes on 2 CPU cores. Small batches and many steps:
+    a model this size learns to add from fewer tokens with more, smaller updates."""
 
     vocab_size: int = 512
     hidden_size: int = 128
@@ -76,44 +77,51 @@ def _schedule(steps: int, rows: int, lr: float) -> dict:
     }
 
 
-def _train(settings: dict, echo):
-    """`qwen15 train` in this process, with `--key value` overrides built from `settings`."""
+def _train(settings: dict, echo) -> object:
+    """`qwen15 train` in this process, with `--key value` overrides built from `settings`. The run directory is
+    the demo's own: an earlier demo's run there is replaced (not resumed, not set aside)."""
     from qwen15.train.config import load_config
     from qwen15.train.trainer import train
 
+    shutil.rmtree(settings["train.run_dir"], ignore_errors=True)
     overrides = []
     for key, value in settings.items():
         overrides += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return train(load_config(None, overrides), echo=lambda m: echo("  " + m))
 
 
-def run_demo(out: Path, budget: DemoBudget | None = None, echo=print) -> dict:
-    """Run every stage into `out`; returns a summary (accuracy, paths, seconds per stage)."""
-    from qwen15.model import Qwen
+@dataclass
+class Demo:
+    """One demo run: where it writes, its budget, and what each stage leaves for the next."""
+
+    out: Path
+    budget: DemoBudget
+    echo: Callable[[str], None]
+    tokenizer: object = None
+    docs: list[str] = field(default_factory=list)
+    pretrained: Path | None = None
+    finetune_checkpoint: Path | None = None
+    model_dir: Path | None = None
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+    def common_settings(self) -> dict:
+        return {
+            "data.seed": self.budget.seed,
+            "train.device": "cpu",
+            "metrics.plot": False,
+            "metrics.tensorboard": False,
+            "checkpoint.resume": "never",
+            "checkpoint.keep": 1,
+        }
+
+
+def train_tokenizer(d: Demo) -> None:
+    """A byte-level BPE vocabulary on the pretraining text and a few rendered conversations, which teach it the
+    ChatML scaffolding (system prompt, role headers: otherwise ~20 tokens per conversation)."""
     from qwen15.tokenizer import Tokenizer
-    from qwen15.train.export import export_hf
-    from qwen15.train.metrics import plot_loss_curve, read_metrics, sparkline
 
-    out = Path(out)
-    b = budget or DemoBudget()
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    def stage(n: int, title: str) -> None:
-        echo(f"\n[{n}/6] {title}")
-
-    cpu: dict[str, float] = {}
-    c0 = time.process_time()
-
-    def lap(name: str) -> None:
-        nonlocal t0, c0
-        times[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
-        t0, c0 = time.perf_counter(), time.process_time()
-
-    stage(1, f"tokenizer: byte-level BPE with {b.vocab_size} tokens, trained on the pretraining text")
-    docs = python_docs(b.docs_chars)
-    # A few rendered conversations teach the vocabulary the ChatML scaffolding (system prompt, role headers),
-    # which otherwise costs ~20 tokens per conversation.
+    b = d.budget
+    d.docs = python_docs(b.docs_chars)
     scaffolding = [
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         + q
@@ -121,127 +129,199 @@ def run_demo(out: Path, budget: DemoBudget | None = None, echo=print) -> dict:
         + a
         for q, a in addition.sample_texts(500, b.seed, b.digits)
     ]
-    tokenizer = train_bpe(docs + scaffolding, b.vocab_size)
-    tokenizer.save_pretrained(out / "tokenizer")
-    tokenizer = Tokenizer.from_pretrained(out / "tokenizer")  # the saved files are what everything else reads
+    train_bpe(d.docs + scaffolding, b.vocab_size).save_pretrained(d.out / "tokenizer")
+    d.tokenizer = Tokenizer.from_pretrained(d.out / "tokenizer")  # the saved files are what the rest reads
     example = "What is 482 plus 317?"
-    echo(f"  {len(docs)} docstrings ({sum(map(len, docs)):,} chars) and 500 example conversations")
-    echo(f"  {example!r} -> {[tokenizer.decode([i]) for i in tokenizer.encode(example)]}")
-    lap("tokenizer")
+    d.echo(f"  {len(d.docs)} docstrings ({sum(map(len, d.docs)):,} chars) and 500 example conversations")
+    d.echo(f"  {example!r} -> {[d.tokenizer.decode([i]) for i in d.tokenizer.encode(example)]}")
 
-    stage(2, "pretraining from random init (qwen15 train, pretrain mode)")
-    ids = []
-    for text in docs:
-        ids += tokenizer.encode(text) + [tokenizer.endoftext_id]
-    rows = stream_rows(ids, b.seq_length)
-    meta = {"tokenizer_fingerprint": tokenizer.fingerprint, "vocab_size": len(tokenizer)}
-    write_dataset(out / "data" / "pretrain", rows, type="text", **meta)
-    common = {
-        "data.seed": b.seed,
-        "train.device": "cpu",
-        "metrics.plot": False,
-        "metrics.tensorboard": False,
-        "checkpoint.resume": "never",
-        "checkpoint.keep": 1,
-    }
-    pretrain = _train(
+
+def pretrain(d: Demo) -> None:
+    """The docstrings as a text file -> `qwen15 data preprocess --type text` rows -> `qwen15 train` from random
+    init -> a Hugging Face folder to finetune from."""
+    from qwen15.data.pretrain import preprocess_text
+    from qwen15.train.export import export_hf
+
+    b = d.budget
+    text = d.out / "data" / "docstrings.txt"
+    text.parent.mkdir(parents=True, exist_ok=True)
+    text.write_text("\n\n".join(doc.strip() for doc in d.docs) + "\n", encoding="utf-8")
+    data = d.out / "data" / "pretrain"
+    preprocess_text(
+        [text],
+        data,
+        d.tokenizer,
+        seq_length=b.seq_length,
+        kind="text",
+        text_unit="block",
+        overwrite=True,
+        quiet=True,
+    )
+    result = _train(
         {
-            **common,
+            **d.common_settings(),
             "model.preset": "tiny",  # the architecture; the shape below replaces its sizes
-            "model.vocab_size": len(tokenizer),
+            "model.vocab_size": len(d.tokenizer),
             "model.hidden_size": b.hidden_size,
             "model.intermediate_size": b.intermediate_size,
             "model.num_hidden_layers": b.num_layers,
             "model.num_attention_heads": b.num_heads,
             "model.num_key_value_heads": b.num_heads,
             "model.max_position_embeddings": b.seq_length,
-            "model.tokenizer": out / "tokenizer",
+            "model.tokenizer": d.out / "tokenizer",
             "model.init_seed": b.seed,
-            "data.path": out / "data" / "pretrain",
-            "train.run_dir": out / "pretrain",
+            "data.path": data,
+            "train.run_dir": d.out / "pretrain",
             **_schedule(b.pretrain_steps, b.pretrain_batch, b.pretrain_lr),
         },
-        echo,
+        d.echo,
     )
-    export_hf(pretrain.last_checkpoint, out / "pretrained-hf", dtype="float32", overwrite=True)
-    lap("pretrain")
+    d.pretrained = export_hf(result.last_checkpoint, d.out / "pretrained-hf", dtype="float32", overwrite=True)
 
-    stage(
-        3, "finetuning from the exported Hugging Face folder on chat questions (packed, assistant-only loss)"
-    )
+
+def finetune(d: Demo) -> None:
+    """Addition questions as chat JSON Lines -> `qwen15 data preprocess --type chat --layout pack --loss-on
+    assistant` -> `qwen15 train --train.mode finetune` from the pretrained folder."""
+    from qwen15.data.sft import preprocess_chat
+
+    b = d.budget
     conversations = addition.training_conversations(b.finetune_conversations, b.seed, b.digits)
-    docs_ft = [tokenizer.encode_chat(c, loss_on="assistant") for c in conversations]
-    tokens, mask, doc_ids = pack_documents(docs_ft, b.seq_length, tokenizer.pad_id)
-    write_dataset(out / "data" / "finetune", tokens, mask, doc_ids, type="chat", loss_on="assistant", **meta)
-    echo(
-        f"  {len(conversations):,} conversations packed into {len(tokens):,} rows of {b.seq_length} tokens, e.g."
+    source = d.out / "data" / "addition.jsonl"
+    source.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+    data = d.out / "data" / "finetune"
+    meta = preprocess_chat(
+        [source],
+        data,
+        d.tokenizer,
+        seq_length=b.seq_length,
+        layout="pack",
+        loss_on="assistant",
+        overwrite=True,
+        quiet=True,
     )
-    echo(
-        "  " + tokenizer.apply_chat_template(conversations[0], tokenize=False).replace("\n", "\n  ").rstrip()
+    d.echo(
+        f"  {meta['conversations']:,} conversations packed into {meta['rows']:,} rows of {b.seq_length} tokens, e.g."
     )
-    finetune = _train(
+    d.echo(
+        "  "
+        + d.tokenizer.apply_chat_template(conversations[0], tokenize=False).replace("\n", "\n  ").rstrip()
+    )
+    result = _train(
         {
-            **common,
+            **d.common_settings(),
             "train.mode": "finetune",
-            "model.path": out / "pretrained-hf",
-            "data.path": out / "data" / "finetune",
-            "train.run_dir": out / "finetune",
+            "model.path": d.pretrained,
+            "data.path": data,
+            "train.run_dir": d.out / "finetune",
             **_schedule(b.finetune_steps, b.finetune_batch, b.finetune_lr),
         },
-        echo,
+        d.echo,
     )
-    lap("finetune")
+    d.finetune_checkpoint = result.last_checkpoint
 
-    stage(4, "export to Hugging Face format (qwen15 convert --to hf)")
-    export_dir = export_hf(finetune.last_checkpoint, out / "model", dtype="float32", overwrite=True)
-    echo(f"  {export_dir}: " + ", ".join(sorted(p.name for p in export_dir.iterdir())))
-    lap("export")
 
-    stage(5, "loss curves")
-    curves = {}
+def export(d: Demo) -> None:
+    """`qwen15 convert --to hf` of the finetuned checkpoint: a chat model (both stop ids)."""
+    from qwen15.train.export import export_hf
+
+    d.model_dir = export_hf(d.finetune_checkpoint, d.out / "model", dtype="float32", overwrite=True)
+    d.echo(f"  {d.model_dir}: " + ", ".join(sorted(p.name for p in d.model_dir.iterdir())))
+
+
+def plot_curves(d: Demo) -> None:
+    """Both loss curves as PNG files (when matplotlib is installed) and as text sparklines."""
+    from qwen15.train.metrics import plot_loss_curve, read_metrics, sparkline
+
     for name in ("pretrain", "finetune"):
-        records = read_metrics(out / name / "metrics.jsonl")
+        records = read_metrics(d.out / name / "metrics.jsonl")
         losses = [r["loss"] for r in records]
-        curves[name] = losses
-        png = plot_loss_curve(records, out / f"{name}_loss.png", title=f"{name} loss")
-        echo(
+        d.curves[name] = losses
+        png = plot_loss_curve(records, d.out / f"{name}_loss.png", title=f"{name} loss")
+        d.echo(
             f"  {name:8s} {losses[0]:.2f} {sparkline(losses, 50)} {losses[-1]:.2f}"
             + (f"  ({png})" if png else "")
         )
-    lap("plots")
 
-    stage(
-        6,
-        f"{b.held_out} held-out questions (sums never seen in training), answered through the chat template",
-    )
-    model = Qwen.from_pretrained(export_dir)
-    chat_tokenizer = Tokenizer.from_pretrained(export_dir)
+
+def ask_held_out(d: Demo) -> tuple[int, int]:
+    """The held-out questions through the chat path; (correct, asked)."""
+    from qwen15.model import Qwen
+    from qwen15.tokenizer import Tokenizer
+
+    model = Qwen.from_pretrained(d.model_dir)
+    tokenizer = Tokenizer.from_pretrained(d.model_dir)
     correct = 0
-    questions = addition.held_out_questions(b.held_out, b.seed, b.digits)
+    questions = addition.held_out_questions(d.budget.held_out, d.budget.seed, d.budget.digits)
     for i, (question, x, y) in enumerate(questions):
-        reply = answer(model, chat_tokenizer, question)
+        reply = answer(model, tokenizer, question)
         ok = addition.is_correct(reply, x, y)
         correct += ok
         if i < 6:
-            echo(f"  Q: {question}\n  A: {reply}   [{'correct' if ok else f'wrong, {x + y}'}]")
-    accuracy = correct / len(questions)
-    lap("answers")
-    total = sum(times.values())
+            d.echo(f"  Q: {question}\n  A: {reply}   [{'correct' if ok else f'wrong, {x + y}'}]")
+    return correct, len(questions)
+
+
+def claim_output(out: Path, overwrite: bool) -> None:
+    """The demo writes many things into `out`: it takes an empty or new folder, or (with overwrite) one an earlier
+    demo wrote (our marker), never a folder of the user's (qwen15.atomic's rule, applied to the folder)."""
+    from qwen15.atomic import MARKER, check_output_folder
+
+    out = check_output_folder(out, overwrite=overwrite, flag="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"written_by": "qwen15 demo"}) + "\n", encoding="utf-8")
+
+
+def run_demo(out: Path, budget: DemoBudget | None = None, echo=print, overwrite: bool = False) -> dict:
+    """Run every stage into `out`; returns a summary (accuracy, paths, seconds per stage)."""
+    b = budget or DemoBudget()
+    claim_output(Path(out), overwrite)
+    d = Demo(Path(out), b, echo)
+    stages = [
+        (
+            "tokenizer",
+            f"tokenizer: byte-level BPE with {b.vocab_size} tokens, trained on the pretraining text",
+            train_tokenizer,
+        ),
+        ("pretrain", "pretraining from random init (qwen15 train, pretrain mode)", pretrain),
+        (
+            "finetune",
+            "finetuning from the exported Hugging Face folder on chat questions (packed, "
+            "assistant-only loss)",
+            finetune,
+        ),
+        ("export", "export to Hugging Face format (qwen15 convert --to hf)", export),
+        ("plots", "loss curves", plot_curves),
+        (
+            "answers",
+            f"{b.held_out} held-out questions (sums never seen in training), answered through the chat "
+            "template",
+            ask_held_out,
+        ),
+    ]
+    times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    result = None
+    for n, (name, title, run) in enumerate(stages, 1):
+        echo(f"\n[{n}/{len(stages)}] {title}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = run(d)
+        times[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+    correct, asked = result
+    accuracy = correct / asked
     verdict = "the model learned to add" if accuracy >= 0.9 else "more steps would help"
-    echo(f"\naccuracy on held-out questions: {correct}/{len(questions)} = {accuracy:.1%} ({verdict})")
+    echo(f"\naccuracy on held-out questions: {correct}/{asked} = {accuracy:.1%} ({verdict})")
     echo(
         "time: "
         + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-        + f"; total {total:.0f}s"
-        + f" (CPU time of this process {sum(cpu.values()):.0f}s)"
+        + f"; total {sum(times.values()):.0f}s (CPU time of this process {sum(cpu.values()):.0f}s)"
     )
-    echo(f"chat with it: qwen15 chat --model {export_dir}")
+    echo(f"chat with it: qwen15 chat --model {d.model_dir}")
     return {
         "accuracy": accuracy,
         "correct": correct,
-        "questions": len(questions),
-        "model": export_dir,
-        "losses": curves,
+        "questions": asked,
+        "model": d.model_dir,
+        "losses": d.curves,
         "seconds": times,
         "cpu_seconds": cpu,
         "budget": dataclasses.asdict(b),

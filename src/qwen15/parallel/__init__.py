@@ -4,6 +4,6 @@ parallel loss, pipeline stages and schedules, tensor-parallel inference, and per
 Everything is applied from outside an unchanged `qwen15.model.Qwen` (the model holds no parallelism code).
 """
 
-from qwen15.parallel.layout import LayoutError, ParallelLayout, build_mesh
+from qwen15.parallel.layout import LayoutError, ParallelLayout, RunMesh, build_mesh
 
-__all__ = ["LayoutError", "ParallelLayout", "build_mesh"]
+__all__ = ["LayoutError", "ParallelLayout", "RunMesh", "build_mesh"]

@@ -32,23 +32,16 @@ def init_inference_mesh(device_type: str | None = None) -> DeviceMesh:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from qwen15.parallel.launcher_watch import watch_launcher
+
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    watch_launcher()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     return init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=("tp",))
-
-
-def local_kv_heads(model: nn.Module) -> int:
-    """Key/value heads this rank computes (all of them unless the model is tensor-parallel): the head count to
-    preallocate a KVCache with, read from the k projection's local weight."""
-    from torch.distributed.tensor import DTensor
-
-    weight = next(iter(model.layers.values())).self_attn.k_proj.weight
-    rows = weight.to_local().shape[0] if isinstance(weight, DTensor) else weight.shape[0]
-    return rows // model.config.head_dim
 
 
 def load_for_inference(
@@ -57,25 +50,9 @@ def load_for_inference(
     """A Hugging Face folder loaded straight into its tensor-parallel split: the model is built on the meta
     device, split, and each rank copies only its slices from the memory-mapped safetensors (no rank ever holds
     the whole model). Same result as `shard_for_inference(Qwen.from_pretrained(folder), mesh)`."""
-    from qwen15.checkpoint import default_dtype, resolve_folder
-    from qwen15.config import ModelConfig
+    from qwen15.hf_checkpoint import load_pretrained
     from qwen15.model import Qwen
-    from qwen15.train.weights import load_hf_weights
 
-    path = resolve_folder(folder)
-    config = ModelConfig.from_json_file(path / "config.json")
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = Qwen(config)
-    model.to(dtype or default_dtype(device))
-    shard_for_inference(model, mesh)
-    model.to_empty(device=device)
-    model.tie_weights()
-    load_hf_weights(model, path)
-    gen_file = path / "generation_config.json"
-    if gen_file.is_file():
-        import json
-
-        model.generation_config = json.loads(gen_file.read_text(encoding="utf-8"))
-    model.source_dir = str(path)
-    return model.eval()
+    return load_pretrained(
+        Qwen, folder, dtype=dtype, device=device, split=lambda model: shard_for_inference(model, mesh)
+    )

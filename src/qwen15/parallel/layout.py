@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from qwen15.config import ModelConfig
 from qwen15.errors import UserError
+from qwen15.model_config import ModelConfig
 
 SCHEDULES = ("1F1B", "Interleaved1F1B", "GPipe")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -25,7 +25,7 @@ class LayoutError(UserError):
 
 @dataclass
 class ParallelLayout:
-    """How a run is split across ranks (the `parallel` section of a training config).
+    """How a run is split across ranks: the `parallel` section of a training recipe (docs/parallel.md).
 
     dp_replicate: data-parallel replicas (HSDP's replicate dimension; plain DDP when dp_shard is 1).
     dp_shard: FSDP2 shards parameters, gradients and optimizer state over this many ranks; -1 = every rank left
@@ -40,6 +40,8 @@ class ParallelLayout:
         on each tensor-parallel rank (False: more memory, no collective for the embedding).
     pp_embedding_cost, pp_output_cost: what the embedding and the output layer weigh, in transformer layers, when
         the layers are split into balanced stages; None = from the model shape (see qwen15.parallel.pipeline).
+    reshard_after_forward: FSDP2 frees the gathered weights after forward (ZeRO-3); False keeps them (ZeRO-2).
+    world_size: the number of processes a recipe is laid out for (a note is printed when a launch differs).
     """
 
     dp_replicate: int = 1
@@ -47,12 +49,14 @@ class ParallelLayout:
     tp: int = 1
     sequence_parallel: bool = True
     pp: int = 1
-    pp_schedule: str = "1F1B"
+    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
     pp_microbatches: int | None = None
     pp_stages_per_rank: int | None = None
     vocab_parallel: bool = True
     pp_embedding_cost: float | None = None
     pp_output_cost: float | None = None
+    reshard_after_forward: bool = True
+    world_size: int | None = None
 
     @property
     def dp(self) -> int:
@@ -73,8 +77,13 @@ class ParallelLayout:
     def num_stages(self) -> int:
         return self.pp * self.stages_per_rank
 
-    def world_size(self) -> int:
+    def num_ranks(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    def split(self) -> dict[str, Any]:
+        """The keys that decide which rank holds what (recorded with checkpoints, compared on resume)."""
+        ignored = ("reshard_after_forward", "world_size")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "parallel") -> ParallelLayout:
@@ -93,6 +102,8 @@ class ParallelLayout:
         """A copy with dp_shard = -1 filled in from the world size (errors if the sizes do not multiply out)."""
         for name in ("dp_replicate", "tp", "pp"):
             _positive_int(getattr(self, name), f"{where}.{name}")
+        if self.world_size is not None:
+            _positive_int(self.world_size, f"{where}.world_size")
         if self.dp_shard == -1:
             others = self.dp_replicate * self.tp * self.pp
             if world_size % others:
@@ -103,10 +114,10 @@ class ParallelLayout:
                 )
             return dataclasses.replace(self, dp_shard=world_size // others)
         _positive_int(self.dp_shard, f"{where}.dp_shard", allow=(-1,))
-        if self.world_size() != world_size:
+        if self.num_ranks() != world_size:
             raise LayoutError(
                 f"{where}: pp x dp_replicate x dp_shard x tp = {self.pp} x {self.dp_replicate} x "
-                f"{self.dp_shard} x {self.tp} = {self.world_size()} ranks, but the world size is {world_size}; "
+                f"{self.dp_shard} x {self.tp} = {self.num_ranks()} ranks, but the world size is {world_size}; "
                 "make the product equal the number of processes (or set dp_shard: -1 to fill it in)"
             )
         return dataclasses.replace(self)
@@ -210,12 +221,23 @@ class ParallelLayout:
             )
 
 
-def build_mesh(layout: ParallelLayout, device_type: str = "cuda"):
-    """The DeviceMesh of a layout, dims named pp, dp_replicate, dp_shard, tp (+ the flattened "dp").
+@dataclass
+class RunMesh:
+    """The device mesh of a run (dims pp, dp_replicate, dp_shard, tp) and its flattened data-parallel view `dp`
+    (dp_replicate x dp_shard: the ranks that read different rows). `run_mesh["tp"]` slices the mesh."""
 
-    Needs torch.distributed initialised; the layout is resolved against its world size. dp_mesh(mesh) spans
-    dp_replicate x dp_shard (data loading and loss averaging); mesh["dp_shard", "tp"] and the like are sub-meshes.
-    """
+    mesh: Any  # DeviceMesh
+    dp: Any  # DeviceMesh
+
+    def __getitem__(self, dims):
+        return self.mesh[dims]
+
+    def size(self) -> int:
+        return self.mesh.size()
+
+
+def build_mesh(layout: ParallelLayout, device_type: str = "cuda") -> RunMesh:
+    """The RunMesh of a layout (torch.distributed initialised; the layout is resolved against its world size)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -224,14 +246,8 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cuda"):
     layout = layout.resolve(dist.get_world_size())
     shape = (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
-    # Kept here rather than sliced again as mesh["dp"], which torch deprecates (a warning on every slice).
-    mesh.qwen15_dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
-
-
-def dp_mesh(mesh):
-    """The flattened data-parallel mesh (dp_replicate x dp_shard) of a mesh made by build_mesh."""
-    return mesh.qwen15_dp_mesh
+    # Flattened once here: slicing mesh["dp"] again on every use is deprecated by torch (a warning each time).
+    return RunMesh(mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp"))
 
 
 def _positive_int(value: Any, key: str, allow: tuple[int, ...] = ()) -> None:

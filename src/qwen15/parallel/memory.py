@@ -12,6 +12,8 @@ Four parts, for the most loaded rank (the pipeline stage with the largest total)
 `transient` is what comes and goes within a step: FSDP2's unsharded compute-dtype copies of the blocks being
 run (and the root module's), one block's unsharded gradients, and the loss's fp32 working copies of the logits.
 Not counted: the CUDA context and allocator caching (budget 2-4 GiB per GPU), communication buffers.
+A LoRA run (`estimate_lora_memory`) stores the frozen base in its own dtype (bf16, or int8 projections with a
+scale per row) with no gradients or optimizer state, and fp32 adapters with fp32 gradients and AdamW moments.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 from qwen15.parallel.layout import ParallelLayout
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -179,7 +181,7 @@ def estimate_memory(
     from qwen15.parallel.pipeline import stage_indices, stage_ranges
 
     if world_size is not None or layout.dp_shard == -1:
-        layout = layout.validate(world_size if world_size is not None else layout.world_size(), config)
+        layout = layout.validate(world_size if world_size is not None else layout.num_ranks(), config)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     pbytes, cbytes = dtype_bytes(param_dtype), dtype_bytes(compute_dtype)
@@ -245,6 +247,161 @@ def estimate_memory(
     return chosen
 
 
+def adapter_shapes(config: ModelConfig, spec) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """Every adapter matrix of a qwen15.lora.LoRASpec (our names): its shape and the dim tensor parallel splits,
+    as qwen15.parallel.tensor_parallel splits them (column-parallel: A whole, B by rows; row-parallel: A by
+    columns, B whole)."""
+    shapes = param_shapes(config)
+    out: dict[str, tuple[tuple[int, ...], int | None]] = {}
+    for n in range(config.num_hidden_layers):
+        for target in spec.target_modules:
+            part = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"layers.{n}.{part}.{target}"
+            (n_out, n_in), tp_dim = shapes[name + ".weight"]
+            column = tp_dim == 0
+            out[name + ".lora_A.weight"] = ((spec.r, n_in), None if column else 1)
+            out[name + ".lora_B.weight"] = ((n_out, spec.r), 0 if column else None)
+    return out
+
+
+def lora_layer_activation_bytes(
+    config: ModelConfig,
+    spec,
+    tokens: int,
+    compute_bytes: int,
+    tp: int = 1,
+    sequence_parallel: bool = True,
+    activation_checkpointing: bool = False,
+    mask_bytes: int = 1,
+    first: bool = False,
+) -> int:
+    """Bytes one transformer layer with adapters (a qwen15.lora.LoRASpec) keeps for backward, counted from the
+    code like `layer_activation_bytes` and checked against autograd's saved tensors in tests. A frozen weight
+    needs no input for its own gradient, so what stays is what the adapters and the data path need:
+    - each RMSNorm its fp32 input (the normalised output is kept only as an adapted projection's input);
+    - attention and the MLP's gate, silu(gate) and up as in full training; their product (down's input) and the
+      input of q/k/v and of gate/up once each when an adapter without dropout reads it;
+    - with dropout, each adapter its dropout's output and mask (`mask_bytes` per element: 1 for CUDA's boolean
+      mask, the compute dtype's size on CPU), instead of the shared input;
+    - each adapter A's output for B's gradient (r per token, whole on every tensor-parallel rank).
+    `first`: the first layer, where nothing before trains: its input norm and the dropout of q/k/v keep nothing.
+    With activation checkpointing a layer keeps only its input."""
+    b, h, i = compute_bytes, config.hidden_size, config.intermediate_size
+    seq_split = tp if sequence_parallel else 1
+    if activation_checkpointing:
+        return tokens * h * b // seq_split
+    targets = set(spec.target_modules)
+    drop = spec.dropout > 0
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    per_token = (1 if first else 2) * h * 4 / seq_split
+    per_token += (2 * heads + 2 * kv) * hd * b / tp + 3 * i * b / tp  # attention; gate, silu(gate), up
+    for group, width in ((("q_proj", "k_proj", "v_proj"), h), (("gate_proj", "up_proj"), h)):
+        adapted = targets.intersection(group)
+        if adapted and not drop:
+            per_token += width * b
+        elif adapted:
+            masks = 0 if first and group[0] == "q_proj" else mask_bytes
+            per_token += len(adapted) * width * (b + masks)
+    if "o_proj" in targets and drop:
+        per_token += heads * hd * (b + mask_bytes) / tp
+    if "down_proj" in targets:
+        per_token += i * (b + (mask_bytes if drop else 0)) / tp
+    per_token += len(targets) * spec.r * b
+    return int(tokens * per_token)
+
+
+def estimate_lora_memory(
+    config: ModelConfig,
+    layout: ParallelLayout,
+    spec,
+    *,
+    micro_batch_size: int,
+    seq_len: int,
+    base_dtype: str = "bfloat16",
+    compute_dtype: str = "bfloat16",
+    activation_checkpointing: bool = False,
+    world_size: int | None = None,
+    loss_chunk_size: int = 0,
+    mask_bytes: int = 1,
+) -> MemoryEstimate:
+    """Per-GPU memory of LoRA training (`spec`, a qwen15.lora.LoRASpec; parallel.pp 1). base_dtype: bfloat16 or
+    float32 for the frozen weights, or int8 (the block projections int8 with a scale per row in the compute
+    dtype; the embedding, norms and output layer in the compute dtype). Adapters, their gradients and AdamW's
+    moments are fp32. Transient as for full training under FSDP2 (unsharded blocks and adapter gradients), plus
+    one dequantized projection at a time with an int8 base. mask_bytes: see lora_layer_activation_bytes."""
+    if world_size is not None or layout.dp_shard == -1:
+        layout = layout.validate(world_size if world_size is not None else layout.num_ranks(), config)
+    if layout.pp != 1:
+        raise ValueError("LoRA training runs with parallel.pp 1")
+    cbytes = dtype_bytes(compute_dtype)
+    int8 = base_dtype == "int8"
+    base_bytes = cbytes if int8 else dtype_bytes(base_dtype)
+    tp, dp_shard = layout.tp, layout.dp_shard
+    sp = layout.sequence_parallel and tp > 1
+    if int8 and layout.num_ranks() > 1:
+        raise ValueError("an int8 base runs in one process (it is not sharded)")
+    base, adapters = param_shapes(config), adapter_shapes(config, spec)
+
+    def numel(shapes, name: str, *, unsharded: bool = False) -> int:
+        shape, tp_dim = shapes[name]
+        if tp_dim is not None and name.startswith(("embed_tokens", "lm_head")) and not layout.vocab_parallel:
+            tp_dim = None
+        return local_numel(shape, tp_dim, tp, 1 if unsharded else dp_shard)
+
+    def projection(name: str) -> bool:
+        return name.startswith("layers.") and name.endswith("_proj.weight")
+
+    params = 0
+    for name in base:
+        if int8 and projection(name):
+            rows = base[name][0][0] // (tp if base[name][1] == 0 else 1)
+            params += numel(base, name) + rows * cbytes  # int8 weight and its scales
+        else:
+            params += numel(base, name) * base_bytes
+    adapter_numel = sum(numel(adapters, n) for n in adapters)
+    params += adapter_numel * 4
+    gradients = adapter_numel * 4
+    optimizer = adapter_numel * 8 + len(adapters) * 4  # two fp32 moments, and a step counter per tensor
+
+    tokens = micro_batch_size * seq_len
+
+    def layer(first: bool, checkpointed: bool) -> int:
+        return lora_layer_activation_bytes(
+            config, spec, tokens, cbytes, tp, sp, checkpointed, mask_bytes, first
+        )
+
+    rotary = 2 * tokens * config.head_dim * cbytes
+    activations = layer(True, activation_checkpointing) + (config.num_hidden_layers - 1) * layer(
+        False, activation_checkpointing
+    )
+    activations += rotary
+    if activation_checkpointing:
+        activations += layer(False, False)  # one block recomputed in backward
+    # The last norm's fp32 input and the loss's fp32 softmax (no output-layer input: it is frozen); chunked, the
+    # hidden states instead of the whole softmax (each chunk is recomputed in backward).
+    vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
+    head_tokens = min(tokens, loss_chunk_size) if loss_chunk_size else tokens
+    h = config.hidden_size
+    activations += int(tokens * h * 4 / (tp if sp else 1)) + head_tokens * vocab * 4
+    if loss_chunk_size:
+        activations += tokens * h * cbytes
+
+    transient = head_tokens * vocab * (cbytes + 4)  # logits, and the loss's fp32 shifted copy
+    if layout.dp > 1 or (cbytes != 4 and tp > 1):  # FSDP2 is applied (qwen15.parallel.parallelize)
+        block = [n for n in base if n.startswith("layers.0.")]
+        block_adapters = [n for n in adapters if n.startswith("layers.0.")]
+        unsharded = sum(numel(base, n, unsharded=True) for n in block)
+        unsharded += sum(numel(adapters, n, unsharded=True) for n in block_adapters)
+        grads = sum(numel(adapters, n, unsharded=True) for n in block_adapters)
+        root = sum(numel(base, n, unsharded=True) for n in base if not n.startswith("layers."))
+        transient += (2 * unsharded + grads + root) * cbytes
+    if int8:
+        transient += max(numel(base, n, unsharded=True) for n in base if projection(n)) * cbytes
+    estimate = MemoryEstimate(params, gradients, optimizer, activations, transient)
+    estimate.per_pp_rank = [estimate.total]
+    return estimate
+
+
 GPU_GIB = 80 * 1e9 / GIB  # an "80 GB" GPU (H100/A100 80GB): 74.5 GiB
 RESERVED_GIB = 4.0  # CUDA context, allocator caching and communication buffers, not modelled above
 
@@ -253,20 +410,33 @@ def recipe_memory(
     cfg, model_config: ModelConfig, world_size: int, seq_len: int | None = None
 ) -> MemoryEstimate:
     """The per-GPU estimate of a training recipe (a qwen15.train.config.TrainConfig) on `world_size` GPUs, with
-    the layout resolved as the trainer resolves it (pp_microbatches from the batch when unset). seq_len: the
-    dataset's row length when the recipe does not fix it (data.seq_length)."""
+    the layout resolved as the trainer resolves it (pp_microbatches from the batch when unset), bf16 compute on
+    GPUs (a LoRA recipe's base in lora.base_dtype, auto = bf16). seq_len: the dataset's row length when the
+    recipe does not fix it (data.seq_length)."""
     import dataclasses
 
     seq_len = cfg.data.seq_length or seq_len
     if seq_len is None:
         raise ValueError("the recipe sets no data.seq_length: pass the dataset's row length as seq_len")
 
-    layout = cfg.parallel.layout().resolve(world_size)
+    layout = cfg.parallel.resolve(world_size)
     t = cfg.train
     per_rank = t.global_batch_size // layout.dp
     if layout.pp > 1 and layout.pp_microbatches is None:
         layout = dataclasses.replace(layout, pp_microbatches=per_rank // t.micro_batch_size)
     layout = layout.validate(world_size, model_config, local_batch_size=per_rank)
+    if cfg.lora.enabled:
+        base = "bfloat16" if cfg.lora.base_dtype == "auto" else cfg.lora.base_dtype
+        return estimate_lora_memory(
+            model_config,
+            layout,
+            cfg.lora.spec(),
+            micro_batch_size=t.micro_batch_size,
+            seq_len=seq_len,
+            base_dtype=base,
+            activation_checkpointing=t.activation_checkpointing,
+            loss_chunk_size=t.loss_chunk_size,
+        )
     return estimate_memory(
         model_config,
         layout,

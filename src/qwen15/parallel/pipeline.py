@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 from qwen15.parallel.layout import ParallelLayout
 
 
@@ -158,7 +158,7 @@ def build_schedule(
     loss_fn(logits, labels) -> scalar, called per micro-batch on the last stage; the schedule sums the gradients
     of the micro-batches without scaling, so return the micro-batch's loss sum divided by the token count of the
     whole step (then the result equals one big batch's mean, whatever the split). Logits split over the
-    vocabulary arrive as a DTensor, so qwen15.parallel.loss.cross_entropy computes it without gathering.
+    vocabulary arrive as a DTensor, so qwen15.parallel.vocab_parallel_loss.cross_entropy computes it without gathering.
     Run a step with `schedule.step(input_ids, target=labels, losses=list, **model_kwargs)` on every pipeline
     rank (the first stage reads input_ids, the last labels; model_kwargs such as document_ids reach all stages).
     """

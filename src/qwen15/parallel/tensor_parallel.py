@@ -5,8 +5,11 @@ Megatron's split, expressed as DTensor placements on a one-dimensional "tp" mesh
   so attention runs on local heads (the model reads head counts from the tensors) and the KV cache holds them;
 - o and down are row-parallel: their partial sums are reduced (all-reduce, or reduce-scatter over the sequence
   with sequence parallelism);
+- LoRA adapters (qwen15.lora) split with their projection: a column-parallel projection keeps A [r, in] whole on
+  every rank and splits B [out, r] by rows like its weight; a row-parallel one splits A by columns like its
+  weight (each rank's partial product is reduced with the base's) and keeps B whole;
 - the embedding and the output layer are split over the vocabulary; the logits stay split, and
-  `qwen15.parallel.loss.cross_entropy` computes the loss from the shards without gathering them.
+  `qwen15.parallel.vocab_parallel_loss.cross_entropy` computes the loss from the shards without gathering them.
 With sequence parallelism the residual stream and the norms are split along the sequence between the ranks:
 the residual is a DTensor sharded on dim 1, so the model still sees the global shape (positions, masks).
 """
@@ -15,7 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import (
+    DTensor,
+    Placement,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -25,8 +35,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-# Attention.forward(x, cos, sin, mask, kv_cache, cache_positions, key_len): only x is split.
-_ATTENTION_ARGS = 7
+from qwen15.lora.modules import LoRALinear
 
 
 def check_tensor_parallel(config, tp: int, *, vocab_parallel: bool = True) -> None:
@@ -49,7 +58,7 @@ def apply_tensor_parallel(
     """Split `model` (a Qwen, or a pipeline stage of one) over the ranks of `tp_mesh`, in place; returns it.
 
     loss_parallel: the output layer returns logits as a DTensor sharded over the vocabulary (feed them to
-        qwen15.parallel.loss.cross_entropy); otherwise every rank gets the full logits as a plain tensor.
+        qwen15.parallel.vocab_parallel_loss.cross_entropy); otherwise every rank gets the full logits as a plain tensor.
     vocab_parallel: split the embedding and output layer over the vocabulary; False keeps a full copy of both on
         every rank (then loss_parallel does not apply: the logits are whole).
     Every rank must hold the same weights beforehand (same seed or checkpoint): the split matrices are cut from
@@ -62,6 +71,7 @@ def apply_tensor_parallel(
     sp = sequence_parallel
     residual = Shard(1) if sp else Replicate()
     tied = getattr(model.config, "tie_word_embeddings", False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
 
     plan: dict[str, object] = {}
     if model.embed_tokens is not None:
@@ -87,21 +97,19 @@ def apply_tensor_parallel(
     # Inside each block: attention and MLP take the full sequence (all-gathered from the sequence shards with sp)
     # and hand back partial sums reduced onto the residual's layout.
     block_plan: dict[str, object] = {
-        "self_attn": PrepareModuleInput(
-            input_layouts=(residual,) + (None,) * (_ATTENTION_ARGS - 1),
-            desired_input_layouts=(Replicate(),) + (None,) * (_ATTENTION_ARGS - 1),
-            use_local_output=True,
+        "self_attn": PrepareModuleInput(  # Attention.forward(x, inputs): only x is split
+            input_layouts=(residual, None), desired_input_layouts=(Replicate(), None), use_local_output=True
         ),
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=residual, use_local_output=not sp),
+        "self_attn.q_proj": _Colwise(),
+        "self_attn.k_proj": _Colwise(),
+        "self_attn.v_proj": _Colwise(),
+        "self_attn.o_proj": _Rowwise(output_layouts=residual, use_local_output=not sp),
         "mlp": PrepareModuleInput(
             input_layouts=(residual,), desired_input_layouts=(Replicate(),), use_local_output=True
         ),
-        "mlp.gate_proj": ColwiseParallel(),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=residual, use_local_output=not sp),
+        "mlp.gate_proj": _Colwise(),
+        "mlp.up_proj": _Colwise(),
+        "mlp.down_proj": _Rowwise(output_layouts=residual, use_local_output=not sp),
     }
     if sp:
         block_plan["input_layernorm"] = SequenceParallel()
@@ -112,7 +120,45 @@ def apply_tensor_parallel(
     if tied and model.embed_tokens is not None and model.lm_head is not None:
         # parallelize_module gave each module its own parameter; both are the same split of the same tensor.
         model.lm_head.weight = model.embed_tokens.weight
+    for name, p in model.named_parameters():  # some styles build their DTensor parameters trainable
+        if name in frozen:
+            p.requires_grad_(False)
     return model
+
+
+def _distribute(module: nn.Module, name: str, placement: Placement, mesh: DeviceMesh) -> None:
+    param = getattr(module, name)
+    if param is not None:
+        split = nn.Parameter(distribute_tensor(param, mesh, [placement]), param.requires_grad)
+        module.register_parameter(name, split)
+
+
+class _Colwise(ColwiseParallel):
+    """ColwiseParallel that also splits a LoRALinear's adapter: A whole, B by output rows (as the weight)."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name:  # the adapter's own linears, already split with their LoRALinear
+            return
+        if not isinstance(module, LoRALinear):
+            return super()._partition_linear_fn(name, module, device_mesh)
+        _distribute(module, "weight", Shard(0), device_mesh)
+        _distribute(module, "bias", Shard(0), device_mesh)
+        _distribute(module.lora_A, "weight", Replicate(), device_mesh)
+        _distribute(module.lora_B, "weight", Shard(0), device_mesh)
+
+
+class _Rowwise(RowwiseParallel):
+    """RowwiseParallel that also splits a LoRALinear's adapter: A by input columns (as the weight), B whole."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        if name:  # the adapter's own linears, already split with their LoRALinear
+            return
+        if not isinstance(module, LoRALinear):
+            return super()._partition_linear_fn(name, module, device_mesh)
+        _distribute(module, "weight", Shard(1), device_mesh)
+        _distribute(module, "bias", Replicate(), device_mesh)
+        _distribute(module.lora_A, "weight", Shard(1), device_mesh)
+        _distribute(module.lora_B, "weight", Replicate(), device_mesh)
 
 
 class _Replicated(ParallelStyle):

@@ -43,11 +43,9 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
     embedding lookup keeps the table)."""
     if not can_pack_for_cpu(model):
         return model
-    for block in model.layers.values():
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear(child))
+    from qwen15.quantize.int8 import swap_linears
+
+    swap_linears(model, PackedLinear)  # (a LoRALinear: its frozen base is packed, the adapter stays)
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = PackedLinear(model.lm_head)
     return model

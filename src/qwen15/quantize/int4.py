@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen15.quantize import kernels
-from qwen15.quantize.int8 import PREFILL_ROWS, _swap_linears, use_kernels
+from qwen15.quantize.int8 import PREFILL_ROWS, swap_linears, use_kernels
 
 DEFAULT_GROUP = 64
 
@@ -181,7 +181,7 @@ def quantize_int4(
 
     if output_bits not in (4, 8):
         raise ValueError(f"output_bits must be 4 or 8, got {output_bits}")
-    _swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size), "int4" if progress else None)
+    swap_linears(model, lambda lin: Int4Linear.from_linear(lin, group_size), "int4" if progress else None)
     tied = model.config.tie_word_embeddings and model.lm_head is not None and model.embed_tokens is not None
     if output_bits == 8:
         emb_cls, emb_make = Int8Embedding, Int8Embedding.from_embedding

@@ -72,6 +72,9 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.scales[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # a frozen int8 base under LoRA training
+            y = _Int8Matmul.apply(x, self.weight, self.scales.to(x.dtype))
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
         fast = self.kernel and x.is_cpu and self.weight.is_cpu  # (a model moved after quantizing: not)
         if fast and x.dtype in (torch.bfloat16, torch.float32):
@@ -91,6 +94,21 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         kernel = "avx512" if self.kernel else "torch"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8, kernel={kernel}"
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """x @ (int8 weight * scale).T whose backward dequantizes the weight again instead of keeping a dequantized
+    copy from the forward (which would hold the whole model in the compute dtype until backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scales)
+        return F.linear(x, weight.to(x.dtype)) * scales
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scales = ctx.saved_tensors
+        return (grad * scales.to(grad.dtype)) @ weight.to(grad.dtype), None, None
 
 
 class Int8Embedding(nn.Module):
@@ -125,20 +143,28 @@ class Int8Embedding(nn.Module):
         return out
 
 
-def _swap_linears(model: nn.Module, make, progress: str | None = None) -> None:
-    """Replace every nn.Linear of the blocks by make(linear); progress: a tqdm bar labelled so."""
+def swap_linears(model: nn.Module, make, progress: str | None = None) -> None:
+    """Replace every nn.Linear of the blocks by make(linear), in place; a LoRALinear keeps its adapter and gets
+    make(itself) as its frozen base (`replace_base`). progress: a tqdm bar labelled so."""
     from tqdm import tqdm
 
     for block in tqdm(model.layers.values(), desc=progress, unit="layer", disable=progress is None):
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
+                if hasattr(child, "replace_base"):
+                    if child.base_layer is None:  # (not quantized or packed already)
+                        child.replace_base(make)
+                elif isinstance(child, nn.Linear):
                     setattr(parent, name, make(child))
 
 
-def quantize_int8(model: nn.Module, progress: bool = False) -> nn.Module:
-    """Quantize a Qwen model's matrices and embedding to int8 weight-only, in place; returns the model."""
-    _swap_linears(model, Int8Linear.from_linear, "int8" if progress else None)
+def quantize_int8(model: nn.Module, *, embeddings: bool = True, progress: bool = False) -> nn.Module:
+    """Quantize a Qwen model's matrices and embedding to int8 weight-only, in place; returns the model.
+    embeddings=False: the block projections only (the embedding and output layer stay, as QLoRA keeps them)."""
+    swap_linears(model, Int8Linear.from_linear, "int8" if progress else None)
+    if not embeddings:
+        model.quantization = "int8"
+        return model
     tied = model.config.tie_word_embeddings and model.lm_head is not None and model.embed_tokens is not None
     if model.embed_tokens is not None and isinstance(model.embed_tokens, nn.Embedding):
         model.embed_tokens = Int8Embedding.from_embedding(model.embed_tokens)

@@ -19,20 +19,24 @@ transformers does not read this format; `Qwen.from_pretrained` refuses it with a
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qwen15.checkpoint import CheckpointError, resolve_folder, save_state_dict
-from qwen15.config import ModelConfig
-from qwen15.quantize.int4 import Int4Embedding, Int4Linear
-from qwen15.quantize.int8 import Int8Embedding, Int8Linear
+from qwen15.atomic import check_output_folder
+from qwen15.hf_checkpoint import DTYPE_NAMES, model_folder, out_tensors
+from qwen15.hf_folder import CheckpointError, read_generation_config, read_json, write_hf_folder
+from qwen15.model import MLP, Attention, Qwen
+from qwen15.model_config import ModelConfig
+from qwen15.quantize.int4 import Int4Embedding, Int4Linear, quantize_int4
+from qwen15.quantize.int8 import Int8Embedding, Int8Linear, quantize_int8
 
 METHOD = "qwen15"
 FORMAT_VERSION = 1
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
 def quantization_of(path: str | Path) -> dict[str, Any] | None:
@@ -61,19 +65,23 @@ def _tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(
-    model: nn.Module, path: str | Path, *, tokenizer_source: str | None = None, overwrite: bool = False
-) -> None:
-    """Write a quantized (int8 or int4) model, not fused, as a folder `load_quantized` reads (atomically;
-    an existing non-empty folder only with overwrite)."""
-    out = Path(path)
-    if not overwrite and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer_source: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    flag: str = "path",
+) -> Path:
+    """Write a quantized (int8 or int4) model, not fused, as a folder `load_quantized` reads, by the output rule
+    of qwen15.atomic (an existing folder replaced only with overwrite and only one qwen15 wrote; never one of
+    `inputs` or the folder the model came from)."""
     method = getattr(model, "quantization", None)
     if method not in ("int8", "int4"):
         raise CheckpointError(
             f"cannot save to {path}: the model is not quantized (quantize_int8/quantize_int4)"
         )
-    if model.projections_fused:
+    if any(type(b.self_attn) is not Attention or type(b.mlp) is not MLP for b in model.layers.values()):
         raise CheckpointError(
             f"cannot save to {path}: the projections were fused for inference; quantize an unfused model to save it"
         )
@@ -103,29 +111,31 @@ def save_quantized(
         quant["group_size"] = max(groups)
     dtype = model.norm.weight.dtype
     config = config.replace(
-        torch_dtype=_DTYPE_NAMES.get(dtype, config.torch_dtype),
+        torch_dtype=DTYPE_NAMES.get(dtype, config.torch_dtype),
         extra={**config.extra, "quantization_config": quant},
     )
-    save_state_dict(
-        state,
-        config,
+    source = getattr(model, "source_dir", None)
+    return write_hf_folder(
         path,
-        tokenizer_source=tokenizer_source or getattr(model, "source_dir", None),
-        generation_config=getattr(model, "generation_config", None),
+        config,
+        out_tensors(state),
+        generation=getattr(model, "generation_config", None),
+        tokenizer_dir=tokenizer_source or source,
+        overwrite=overwrite,
+        inputs=[source, *inputs],
+        flag=flag,
     )
 
 
 def load_quantized(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
     """A Qwen model from a folder written by save_quantized, its matrices already int8/int4 (nothing is
     quantized again). dtype: activations, norms and biases (default: config.json's torch_dtype)."""
     from safetensors import safe_open
 
-    from qwen15.model import Qwen
-
-    folder = resolve_folder(str(path))
-    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    folder = model_folder(path)
+    data = read_json(folder / "config.json")
     quant = data.pop("quantization_config", None)
     where = str(folder / "config.json")
     if not isinstance(quant, dict) or quant.get("quant_method") != METHOD:
@@ -188,38 +198,35 @@ def load_quantized(
             model.embed_tokens.as_linear() if config.tie_word_embeddings else linear("lm_head", False)
         )
     model.quantization = quant["weights"]
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    model.generation_config = read_generation_config(folder)
     model.source_dir = str(folder)
     return model.eval()
 
 
 def quantize_folder(
-    source: str | Path,
-    out: str | Path,
+    source: str | os.PathLike,
+    out: str | os.PathLike,
     method: str,
     *,
     group_size: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+    flag: str = "OUT_DIR",
 ) -> Path:
-    """Load a Hugging Face folder, quantize it (int8 or int4) and write the quantized folder `out`."""
-    from qwen15.model import Qwen
-    from qwen15.quantize import quantize
-
-    src, dst = resolve_folder(str(source)), Path(out)
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(
-            f"{dst}: the output folder is the input folder; write the quantized model elsewhere"
-        )
-    if not overwrite and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    """Load a Hugging Face folder, quantize it (int8 or int4) and write the quantized folder `out` (checked by
+    the output rule before anything loads; `inputs`: more paths it must not replace)."""
+    src = model_folder(source)
+    check_output_folder(out, overwrite=overwrite, inputs=[src, *inputs], flag=flag)
     if quantization_of(src) is not None:
         raise CheckpointError(f"{src} is quantized already; convert the unquantized checkpoint")
     model = Qwen.from_pretrained(str(src), dtype=torch.bfloat16)
-    options = {"progress": progress}
-    if group_size is not None and method == "int4":
-        options["group_size"] = group_size
-    quantize(model, method, **options)
-    save_quantized(model, dst, tokenizer_source=str(src), overwrite=overwrite)
-    return dst
+    if method == "int8":
+        quantize_int8(model, progress=progress)
+    elif method == "int4":
+        quantize_int4(model, **({} if group_size is None else {"group_size": group_size}), progress=progress)
+    else:
+        raise CheckpointError(f"unknown quantization {method!r}; choose int8 or int4")
+    return save_quantized(
+        model, out, tokenizer_source=src, overwrite=overwrite, inputs=[src, *inputs], flag=flag
+    )

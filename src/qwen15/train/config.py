@@ -1,6 +1,6 @@
 """Training configuration: typed sections read from a YAML recipe, `--section.key value` overrides, validation.
 
-A recipe is a YAML mapping of sections (model, data, train, optim, parallel, checkpoint, metrics, generation); each
+A recipe is a YAML mapping of sections (model, data, train, optim, lora, parallel, checkpoint, metrics, generation); each
 section is a dataclass below, so the set of keys, their types and their defaults are read from one place. Unknown
 keys and values of the wrong type are errors that name the key, and the file and line it came from.
 """
@@ -17,6 +17,10 @@ from typing import Any, Literal
 import yaml
 
 from qwen15.errors import UserError
+from qwen15.lora.modules import TARGETS, LoRAError, LoRASpec
+from qwen15.model_config import CHAT_SAMPLING, SHAPE_KEYS, ModelConfig
+from qwen15.parallel.layout import ParallelLayout
+from qwen15.paths import utf8_error
 
 
 class TrainConfigError(UserError):
@@ -24,25 +28,22 @@ class TrainConfigError(UserError):
 
 
 @dataclass
-class ModelSection:
+class _ModelSource:
     preset: str | None = None  # a built-in shape (qwen1.5-7b, tiny ...), for pretraining from random init
     path: str | None = None  # a Hugging Face folder: the weights to finetune (or continue pretraining from)
     config: str | None = None  # a config.json giving the shape, for pretraining from random init
-    tokenizer: str | None = (
-        None  # folder with tokenizer files shipped with checkpoints/exports (default: path)
-    )
+    tokenizer: str | None = None  # tokenizer folder shipped with checkpoints/exports (default: path)
     chat: bool | None = None  # export as a chat model (stops on <|im_end|>); default: when the data is chat
     init_seed: int = 0  # random init of pretraining (the same weights for any number of processes)
-    # Shape overrides applied on top of the preset / config.json (small vocabularies, layer subsets).
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    vocab_size: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    tie_word_embeddings: bool | None = None
+
+
+# The model section: where the model comes from, and every architecture key of ModelConfig as an optional
+# override on top of the preset / config.json (small vocabularies, layer subsets ...).
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(k, typing.get_type_hints(ModelConfig)[k] | None, field(default=None)) for k in SHAPE_KEYS],
+    bases=(_ModelSource,),
+)
 
 
 @dataclass
@@ -83,41 +84,25 @@ class OptimSection:
 
 
 @dataclass
-class ParallelSection:
-    """The parallel layout (qwen15.parallel.layout.ParallelLayout, documented in docs/parallel.md) plus training
-    options. pp x dp_replicate x dp_shard x tp must equal the number of processes (dp_shard -1 fills it in)."""
+class LoRASection:
+    """LoRA adapters instead of full finetuning (qwen15.lora): set `r` to train only the adapters."""
 
-    world_size: int | None = None  # processes the recipe is laid out for (checked at launch when set)
-    dp_replicate: int = 1  # HSDP: replicas of the FSDP shards (plain replication across node groups)
-    dp_shard: int = -1  # FSDP2 data-parallel sharding degree; -1: every process left by the other dimensions
-    tp: int = 1  # tensor parallel: heads, MLP columns and the vocabulary split over this many ranks
-    sequence_parallel: bool = True  # with tp: norms and residual stream split along the sequence
-    vocab_parallel: bool = True  # with tp: embedding and output layer split over the vocabulary
-    pp: int = 1  # pipeline stages (whole layers per stage)
-    pp_schedule: Literal["1F1B", "Interleaved1F1B", "GPipe"] = "1F1B"
-    pp_microbatches: int | None = None  # default: the rank's rows / train.micro_batch_size
-    pp_stages_per_rank: int | None = None  # default 2 for Interleaved1F1B, else 1
-    pp_embedding_cost: float | None = None  # stage balancing weights, in layers (null: from the shapes)
-    pp_output_cost: float | None = None
-    reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3); false: ZeRO-2 style
+    r: int | None = None  # adapter rank; null: no adapters (every weight trains)
+    alpha: float = 16.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # on each adapter's input, in training
+    rslora: bool = False
+    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
+    # The frozen base weights: auto = the compute dtype (train.dtype); int8 = weight-only int8 (one process).
+    base_dtype: Literal["auto", "bfloat16", "float32", "int8"] = "auto"
+    init_seed: int = 0  # draws the A matrices (the same adapters for any layout)
+    export: bool = True  # write <run_dir>/adapter (PEFT format) from the last checkpoint at the end
 
-    def layout(self):
-        """The ParallelLayout of this section (not yet checked against a world size or model)."""
-        from qwen15.parallel.layout import ParallelLayout
+    @property
+    def enabled(self) -> bool:
+        return self.r is not None
 
-        return ParallelLayout(
-            dp_replicate=self.dp_replicate,
-            dp_shard=self.dp_shard,
-            tp=self.tp,
-            sequence_parallel=self.sequence_parallel,
-            pp=self.pp,
-            pp_schedule=self.pp_schedule,
-            pp_microbatches=self.pp_microbatches,
-            pp_stages_per_rank=self.pp_stages_per_rank,
-            vocab_parallel=self.vocab_parallel,
-            pp_embedding_cost=self.pp_embedding_cost,
-            pp_output_cost=self.pp_output_cost,
-        )
+    def spec(self) -> LoRASpec:
+        return LoRASpec(self.r, self.alpha, self.dropout, self.rslora, tuple(self.target_modules))
 
 
 @dataclass
@@ -142,10 +127,10 @@ class GenerationSection:
     """Sampling settings written into the exported generation_config.json (chat models)."""
 
     do_sample: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.1
+    temperature: float = CHAT_SAMPLING["temperature"]
+    top_p: float = CHAT_SAMPLING["top_p"]
+    top_k: int = CHAT_SAMPLING["top_k"]
+    repetition_penalty: float = CHAT_SAMPLING["repetition_penalty"]
     max_new_tokens: int = 512
 
 
@@ -155,7 +140,8 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
@@ -174,9 +160,18 @@ class TrainConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
+    def where(self, key: str) -> str:
+        """'recipe.yaml:12: ' or '--optim.lr: ' for a key that was set in a recipe or on the command line."""
+        source = getattr(self, "_sources", {}).get(key)
+        return f"{source}: " if source else ""
+
     def validate(self) -> None:
-        """Checks that span keys; each message names the keys concerned."""
+        """Checks that span keys; each message names the keys concerned, and where the first was set."""
         t, o, m = self.train, self.optim, self.model
+
+        def bad(key: str, message: str) -> TrainConfigError:
+            return TrainConfigError(f"{self.where(key)}{message}")
+
         for key, value in (
             ("train.steps", t.steps),
             ("train.global_batch_size", t.global_batch_size),
@@ -185,53 +180,96 @@ class TrainConfig:
             ("checkpoint.keep", self.checkpoint.keep),
         ):
             if value <= 0:
-                raise TrainConfigError(f"{key} must be positive, got {value}")
+                raise bad(key, f"{key} must be positive, got {value}")
         if t.global_batch_size % t.micro_batch_size:
-            raise TrainConfigError(
+            raise bad(
+                "train.global_batch_size",
                 f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size "
-                f"{t.micro_batch_size}"
+                f"{t.micro_batch_size}",
             )
         if t.loss_chunk_size < 0:
-            raise TrainConfigError(f"train.loss_chunk_size must be >= 0, got {t.loss_chunk_size}")
+            raise bad("train.loss_chunk_size", f"train.loss_chunk_size must be >= 0, got {t.loss_chunk_size}")
         if t.stop_at is not None and not 0 < t.stop_at <= t.steps:
-            raise TrainConfigError(f"train.stop_at {t.stop_at} must lie between 1 and train.steps {t.steps}")
+            raise bad(
+                "train.stop_at", f"train.stop_at {t.stop_at} must lie between 1 and train.steps {t.steps}"
+            )
         if self.checkpoint.every < 0:
-            raise TrainConfigError(f"checkpoint.every must be >= 0, got {self.checkpoint.every}")
+            raise bad("checkpoint.every", f"checkpoint.every must be >= 0, got {self.checkpoint.every}")
         if not (o.lr > 0 and math.isfinite(o.lr)):
-            raise TrainConfigError(f"optim.lr must be a positive number, got {o.lr}")
+            raise bad("optim.lr", f"optim.lr must be a positive number, got {o.lr}")
         if not 0 <= o.min_lr <= o.lr:
-            raise TrainConfigError(f"optim.min_lr {o.min_lr} must lie between 0 and optim.lr {o.lr}")
+            raise bad("optim.min_lr", f"optim.min_lr {o.min_lr} must lie between 0 and optim.lr {o.lr}")
         if not 0 <= o.warmup_steps <= t.steps:
-            raise TrainConfigError(
-                f"optim.warmup_steps {o.warmup_steps} must lie between 0 and train.steps {t.steps}"
+            raise bad(
+                "optim.warmup_steps",
+                f"optim.warmup_steps {o.warmup_steps} must lie between 0 and train.steps {t.steps}",
             )
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-            raise TrainConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.eps <= 0 or o.weight_decay < 0 or o.clip_grad_norm < 0:
-            raise TrainConfigError("optim.eps must be > 0; optim.weight_decay and optim.clip_grad_norm >= 0")
+            raise bad("optim.betas", f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        for key, value, ok in (
+            ("optim.eps", o.eps, o.eps > 0),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0),
+            ("optim.clip_grad_norm", o.clip_grad_norm, o.clip_grad_norm >= 0),
+        ):
+            if not (ok and math.isfinite(value)):
+                raise bad(key, "optim.eps must be > 0; optim.weight_decay and optim.clip_grad_norm >= 0")
         par = self.parallel
         if par.dp_shard == 0 or par.dp_shard < -1:
-            raise TrainConfigError(
-                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {par.dp_shard}"
+            raise bad(
+                "parallel.dp_shard",
+                f"parallel.dp_shard must be -1 (all processes) or >= 1, got {par.dp_shard}",
             )
         for key in ("dp_replicate", "tp", "pp", "pp_microbatches", "pp_stages_per_rank", "world_size"):
             value = getattr(par, key)
             if value is not None and value < 1:
-                raise TrainConfigError(f"parallel.{key} must be a positive integer, got {value}")
+                raise bad(f"parallel.{key}", f"parallel.{key} must be a positive integer, got {value}")
         if par.pp > 1 and t.loss_chunk_size:
-            raise TrainConfigError(
+            raise bad(
+                "train.loss_chunk_size",
                 "train.loss_chunk_size works with parallel.pp 1 only (the loss runs inside the last pipeline "
-                "stage); set it to 0, and use parallel.tp to split the logits over the vocabulary instead"
+                "stage); set it to 0, and use parallel.tp to split the logits over the vocabulary instead",
             )
         if self.data.path is None:
-            raise TrainConfigError("data.path is required: a dataset folder from `qwen15 data preprocess`")
+            raise bad("data.path", "data.path is required: a dataset folder from `qwen15 data preprocess`")
+        self._validate_lora()
         if t.mode == "finetune" and m.path is None:
-            raise TrainConfigError("train.mode finetune needs model.path: a Hugging Face model folder")
+            raise bad("train.mode", "train.mode finetune needs model.path: a Hugging Face model folder")
         sources = [k for k in ("preset", "path", "config") if getattr(m, k) is not None]
         if len(sources) != 1:
-            raise TrainConfigError(
+            raise bad(
+                f"model.{sources[-1]}" if sources else "model",
                 "give exactly one of model.preset (random init), model.config (a config.json, random init) or "
-                f"model.path (Hugging Face weights); got {', '.join('model.' + s for s in sources) or 'none'}"
+                f"model.path (Hugging Face weights); got {', '.join('model.' + s for s in sources) or 'none'}",
+            )
+        g = self.generation
+        for key, ok in (
+            ("generation.temperature", g.temperature >= 0),
+            ("generation.top_p", 0 < g.top_p <= 1),
+            ("generation.top_k", g.top_k >= 0),
+            ("generation.repetition_penalty", g.repetition_penalty > 0),
+            ("generation.max_new_tokens", g.max_new_tokens >= 1),
+        ):
+            if not ok:
+                raise bad(key, f"{key} is out of range, got {getattr(g, key.partition('.')[2])}")
+
+    def _validate_lora(self) -> None:
+        lora = self.lora
+        if not lora.enabled:
+            changed = [f.name for f in dataclasses.fields(lora) if getattr(lora, f.name) != f.default]
+            changed = [k for k in changed if k != "target_modules" or lora.target_modules != list(TARGETS)]
+            if changed:
+                raise TrainConfigError(
+                    f"lora.{changed[0]} is set but lora.r is not: set lora.r (the adapter rank) to train "
+                    "adapters, or remove the lora section for full finetuning"
+                )
+            return
+        try:
+            lora.spec().validate("lora")
+        except LoRAError as e:
+            raise TrainConfigError(str(e)) from None
+        if self.parallel.pp > 1:
+            raise TrainConfigError(
+                "lora: adapters train with parallel.dp_shard, dp_replicate and tp; parallel.pp must be 1"
             )
 
 
@@ -248,10 +286,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise TrainConfigError(f"--config {path}: is a folder; pass a recipe YAML file")
+        if not path.is_file():
+            raise TrainConfigError(
+                f"--config {path}: no such recipe file (nor a shipped recipe of that name)"
+            )
+        raw = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise TrainConfigError(f"{path}: no such recipe file") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(str(utf8_error(path, raw, e))) from None
         data, lines = _parse_yaml(text, str(path))
         for section, values in data.items():
             where = f"{path}:{lines.get(section, '?')}"
@@ -332,6 +377,9 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str) -> None:
     if key not in hints:
         raise TrainConfigError(f"{where}: unknown key {dotted!r}; {section} keys are {', '.join(hints)}")
     setattr(getattr(cfg, section), key, coerce(value, hints[key], dotted, where))
+    if not hasattr(cfg, "_sources"):
+        cfg._sources = {}  # not a field: never part of to_dict() / the saved config
+    cfg._sources[dotted] = where
 
 
 def coerce(value: Any, hint: Any, key: str, where: str) -> Any:

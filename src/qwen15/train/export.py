@@ -1,4 +1,5 @@
-"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads.
+"""Training checkpoint (DCP, saved by any number of processes) -> Hugging Face folder that transformers loads, or
+(a LoRA run) -> PEFT adapter folder.
 
 Weights are read one output shard at a time (DCP loads any subset of keys, resharding as it reads), so exporting
 needs memory for one shard, not for the model.
@@ -6,20 +7,31 @@ needs memory for one shard, not for the model.
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from qwen15.atomic import atomic_directory, atomic_write_text
-from qwen15.checkpoint import SAFE_INDEX, SAFE_SINGLE, TOKENIZER_FILES, hf_name, parse_size
-from qwen15.config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
 from qwen15.errors import UserError
-from qwen15.train.checkpointing import read_trainer_state, resolve_checkpoint
+from qwen15.hf_checkpoint import hf_state_dict, tensor_blocks
+from qwen15.hf_folder import (
+    OutTensor,
+    generation_config,
+    hf_name,
+    our_name,
+    parse_size,
+    plan_shards,
+    saved_special_ids,
+    write_hf_folder,
+)
+from qwen15.lora.modules import LoRASpec, adapter_parameters, add_adapters
+from qwen15.lora.peft_format import write_adapter
+from qwen15.model import Qwen
+from qwen15.model_config import ENDOFTEXT_ID, IM_END_ID, ModelConfig
+from qwen15.train.dcp_checkpoint import DamagedCheckpoint, read_trainer_state, resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,31 +42,8 @@ class ExportError(UserError):
 
 def special_ids(folder: Path) -> tuple[int, int]:
     """(<|endoftext|>, <|im_end|>) ids of the tokenizer saved in `folder` (Qwen's own when there is none)."""
-    cfg_file = folder / "tokenizer_config.json"
-    if cfg_file.is_file():
-        decoder = json.loads(cfg_file.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
-        by_text = {spec.get("content"): int(i) for i, spec in decoder.items()}
-        return by_text.get("<|endoftext|>", ENDOFTEXT_ID), by_text.get("<|im_end|>", IM_END_ID)
-    return ENDOFTEXT_ID, IM_END_ID
-
-
-def generation_config(
-    chat: bool, endoftext: int, im_end: int, settings: dict[str, Any] | None
-) -> dict[str, Any]:
-    """What Qwen1.5 ships: chat models stop on <|im_end|> and <|endoftext|> and sample; base models stop on
-    <|endoftext|>."""
-    if not chat:
-        return {"bos_token_id": endoftext, "eos_token_id": endoftext, "do_sample": False}
-    out: dict[str, Any] = {
-        "bos_token_id": endoftext,
-        "pad_token_id": endoftext,
-        "eos_token_id": [im_end, endoftext],
-    }
-    out.update(
-        settings
-        or {"do_sample": True, "repetition_penalty": 1.1, "top_p": 0.8, "top_k": 20, "temperature": 0.7}
-    )
-    return out
+    found = saved_special_ids(folder)
+    return found.get("<|endoftext|>", ENDOFTEXT_ID), found.get("<|im_end|>", IM_END_ID)
 
 
 def export_hf(
@@ -65,70 +54,91 @@ def export_hf(
     chat: bool | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    warn=None,
 ) -> Path:
     """Write `out_dir` (weights, config.json, generation_config.json, tokenizer files) from a training checkpoint.
 
     dtype "auto" keeps the checkpoint's config torch_dtype (bfloat16 for the real sizes). chat None: as the
     training run decided (chat data -> chat model: eos <|im_end|>, both stop ids in generation_config.json).
+    The checkpoint is checked first (a damaged one is named; from a run directory, its latest intact one is
+    used, and `warn` says so), and `out_dir` must not hold it.
     """
-    ckpt = resolve_checkpoint(checkpoint)
+    parse_size(max_shard_size)  # before any work
+    ckpt = resolve_checkpoint(checkpoint, warn)
     config = ModelConfig.from_json_file(ckpt / "config.json")
     state = read_trainer_state(ckpt)
+    if state.get("lora"):
+        raise ExportError(
+            f"{ckpt}: a LoRA checkpoint holds the adapters only. `qwen15 convert --to peft {checkpoint} OUT` "
+            "writes them in PEFT's format; `qwen15 lora merge --model BASE --adapter OUT --output MERGED` then "
+            "folds them into the base model"
+        )
     chat = bool(state.get("chat", False)) if chat is None else chat
-    name = config.torch_dtype if dtype == "auto" else dtype
-    if name not in DTYPES:
-        raise ExportError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
-    out_dtype = DTYPES[name]
+    dtype_name = config.torch_dtype if dtype == "auto" else dtype
+    if dtype_name not in DTYPES:
+        raise ExportError(f"dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     endoftext, im_end = special_ids(ckpt)
-    config = config.replace(torch_dtype=name, eos_token_id=im_end if chat else config.eos_token_id)
-
-    from safetensors.torch import save_file
-
-    from qwen15.model import Qwen
-
+    config = config.replace(torch_dtype=dtype_name, eos_token_id=im_end if chat else config.eos_token_id)
     with torch.device("meta"):
         model = Qwen(config)
-    shapes = {
-        k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
-    limit = parse_size(max_shard_size)
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k, shape in shapes.items():
-        nbytes = torch.Size(shape).numel() * out_dtype.itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    try:
-        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            weight_map = {}
-            for i, keys in enumerate(shards):
-                part = {k: torch.empty(shapes[k], dtype=out_dtype) for k in keys}
-                with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    out_dtype = DTYPES[dtype_name]
+    loaded: dict[str, torch.Tensor] = {}
+
+    def blocks(name: str) -> Iterator[np.ndarray]:
+        """A tensor's blocks; the first tensor of each output file loads that whole file's tensors with one DCP
+        read (DCP reshards from any layout), so memory stays at one output file."""
+        if name not in loaded:
+            part = {our_name(t.name): torch.empty(t.shape, dtype=out_dtype) for t in shards[shard_of[name]]}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                try:
                     dcp.load({"model": part}, checkpoint_id=str(ckpt / "state"), no_dist=True)
-                fname = (
-                    SAFE_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                )
-                save_file(
-                    {hf_name(k): v for k, v in part.items()}, str(tmp / fname), metadata={"format": "pt"}
-                )
-                weight_map.update(dict.fromkeys((hf_name(k) for k in keys), fname))
-                del part
-            if len(shards) > 1:
-                total = sum(torch.Size(s).numel() * out_dtype.itemsize for s in shapes.values())
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                atomic_write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
-            config.save_json(tmp / "config.json")
-            gen = generation_config(chat, endoftext, im_end, state.get("generation"))
-            atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
-            for fname in TOKENIZER_FILES:
-                if (ckpt / fname).is_file():
-                    shutil.copyfile(ckpt / fname, tmp / fname)
-    except FileExistsError as e:
-        raise ExportError(str(e)) from None
-    return Path(out_dir)
+                except Exception as e:  # damage the size check cannot see (same size, other bytes)
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise DamagedCheckpoint(f"{ckpt}: the weights cannot be read ({first[:300]})") from e
+            loaded.clear()
+            loaded.update({hf_name(k): v for k, v in part.items()})
+        yield from tensor_blocks(loaded.pop(name))
+
+    shapes = {k: tuple(v.shape) for k, v in hf_state_dict(model).items()}
+    tensors = [OutTensor(n, shape, dtype_name, lambda n=n: blocks(n)) for n, shape in shapes.items()]
+    shards = plan_shards(tensors, max_shard_size)
+    shard_of = {t.name: i for i, shard in enumerate(shards) for t in shard}
+    return write_hf_folder(
+        out_dir,
+        config,
+        tensors,
+        generation=generation_config(chat, endoftext, im_end, state.get("generation")),
+        tokenizer_dir=ckpt,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        inputs=[ckpt],
+    )
+
+
+def export_peft(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, warn=None) -> Path:
+    """Write the adapters of a LoRA training checkpoint as a PEFT folder (adapter_config.json +
+    adapter_model.safetensors, fp32), naming the run's model.path as the base model."""
+    ckpt = resolve_checkpoint(checkpoint, warn)
+    state = read_trainer_state(ckpt)
+    lora = state.get("lora")
+    if not lora:
+        raise ExportError(
+            f"{ckpt}: this checkpoint is from full training and holds no adapters; export it with --to hf"
+        )
+    config = ModelConfig.from_json_file(ckpt / "config.json")
+    spec = LoRASpec(lora["r"], lora["alpha"], lora["dropout"], lora["rslora"], tuple(lora["target_modules"]))
+    with torch.device("meta"):
+        model = Qwen(config)
+        add_adapters(model, spec, init=False)
+    tensors = {k: torch.empty(p.shape, dtype=torch.float32) for k, p in adapter_parameters(model).items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load({"model": tensors}, checkpoint_id=str(ckpt / "state"), no_dist=True)
+        except Exception as e:  # damage the size check cannot see (same size, other bytes)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DamagedCheckpoint(f"{ckpt}: the adapters cannot be read ({first[:300]})") from e
+    return write_adapter(
+        out_dir, spec, tensors, base_model_name_or_path=lora.get("base"), overwrite=overwrite, inputs=[ckpt]
+    )

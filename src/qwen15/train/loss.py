@@ -1,23 +1,12 @@
 """The training loss: token-mean cross-entropy over every unmasked label of the GLOBAL batch.
 
-Each micro-batch contributes sum(CE over its unmasked labels) / (number of unmasked labels in the whole global
-batch, over all micro-batches and data-parallel ranks). Summing those contributions (gradient accumulation, then
-FSDP's gradient sum over ranks) gives exactly the mean over the global batch, however its tokens are spread, so 1,
-2 or 4 processes train identically. Under tensor parallelism the logits arrive split over the vocabulary (a
-DTensor) and qwen15.parallel.loss.cross_entropy computes the same sum without gathering them.
-
-Long sequences: the fp32 logits of 32768 tokens x 151936 vocabulary take 20 GB, and cross-entropy keeps as much
-again for backward. With a chunk size, the output projection and the cross-entropy run chunk by chunk, each chunk
-recomputed in backward (activation checkpointing), so only one chunk's logits exist at a time (2.5 GB for 4096
-tokens), at the price of recomputing the output projection (about 3% more compute for 7B).
-
-Compiled: with `train.compile` the output projection and its cross-entropy run as one torch.compile graph. Eager
-cross-entropy makes an fp32 copy of the bf16 logits, writes the log-softmax, and in backward writes a one-hot-sized
-gradient, the softmax gradient and its bf16 cast: by our count ~45 GB of memory traffic for 8192 tokens x 151936
-logits (the profile measured ~10 ms of a 0.5B step on an H200). Compiled, one reduction reads the bf16 logits once
-(log-sum-exp and the target's logit, in fp32) and backward writes the logits' gradient in one pass. What is kept
-for backward (checked with saved-tensor hooks under bf16 autocast): eager, two fp32 logits-sized tensors; compiled,
-the bf16 logits and two fp32 numbers per token.
+Each micro-batch contributes sum(CE over its unmasked labels) / (unmasked labels in the whole global batch), so
+gradient accumulation plus FSDP's gradient sum give exactly the global mean however the tokens are spread: 1, 2
+or 4 processes train identically. Vocabulary-split logits (tensor parallel) go to
+qwen15.parallel.vocab_parallel_loss without being gathered. For long sequences the output projection and the
+loss can run `chunk_size` tokens at a time, each chunk recomputed in backward, so only one chunk's logits exist;
+with `train.compile` they run as one compiled graph that reads the logits once and keeps only the bf16 logits
+and two fp32 numbers per token for backward (docs/training.md has the measurements).
 """
 
 from __future__ import annotations
@@ -28,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.checkpoint import checkpoint
 
-from qwen15.data.dataset import IGNORE_INDEX
+from qwen15.model_config import IGNORE_INDEX
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -40,7 +29,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Sum of token cross-entropies over labels != IGNORE_INDEX, computed in fp32 (a bf16 log-softmax over 152k
     logits loses about two digits). Vocabulary-split logits (a DTensor) never get gathered."""
     if isinstance(logits, DTensor):
-        from qwen15.parallel.loss import cross_entropy
+        from qwen15.parallel.vocab_parallel_loss import cross_entropy
 
         return cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return F.cross_entropy(

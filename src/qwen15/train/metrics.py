@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from qwen15.atomic import atomic_write_bytes, atomic_write_text
-from qwen15.config import ModelConfig
+from qwen15.model_config import ModelConfig
 
 # Dense bf16 tensor-core peak per device, TFLOP/s (vendor data sheets, without sparsity). Matched in order against
 # torch.cuda.get_device_name(); set metrics.peak_tflops for anything else.
@@ -51,13 +51,14 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
     return None
 
 
-def flops_per_token(config: ModelConfig, seq_length: int) -> float:
+def flops_per_token(config: ModelConfig, seq_length: int, weight_gradients: bool = True) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 x (parameters in matmuls, lm_head included,
     embedding lookup excluded) + the attention matmuls, 12 x layers x hidden x seq (QK^T and AV, forward and
-    backward, counted for the full square as is conventional, as in the PaLM paper's MFU)."""
+    backward, counted for the full square as is conventional, as in the PaLM paper's MFU). Without weight
+    gradients (a frozen base under LoRA; the adapters' own FLOPs are negligible) the matmuls cost 4x, not 6x."""
     matmul_params = config.num_params(include_embedding=False) + config.vocab_size * config.hidden_size
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_length
-    return 6.0 * matmul_params + attention
+    return (6.0 if weight_gradients else 4.0) * matmul_params + attention
 
 
 def memory_gb(device: torch.device) -> float:

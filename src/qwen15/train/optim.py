@@ -29,7 +29,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for decay in (True, False):
         for distributed in kinds:
             params = groups.get((decay, distributed), [])
-            if params or len(kinds) == 1:  # one kind: always the two groups, even if one is empty
+            # No empty group: DCP's flattened optimizer state cannot hold one (a LoRA run has no vectors).
+            if params:
                 out.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay})
     return out
 

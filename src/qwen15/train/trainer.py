@@ -2,7 +2,7 @@
 
 One `Trainer` per process; every process runs the same code (SPMD). The `parallel` section's layout decides the
 device mesh (pp x dp_replicate x dp_shard x tp): tensor parallel, activation checkpointing, compile and FSDP2 are
-applied to the model (or to this rank's pipeline stages) in qwen15.train.parallelize; the forward/backward of one
+applied to the model (or to this rank's pipeline stages) in qwen15.parallel.parallelize; the forward/backward of one
 step is `forward_backward` (pp 1) or the pipeline schedule (pp > 1, the loss on the last stage); the loss is the
 token mean over the GLOBAL batch in every layout (qwen15.train.loss).
 """
@@ -21,14 +21,26 @@ import torch
 from torch import nn
 
 from qwen15.atomic import atomic_write_text
-from qwen15.config import IM_END_ID, ModelConfig, get_preset
 from qwen15.data.dataset import DatasetError, RowSampler, TokenDataset
 from qwen15.errors import UserError
+from qwen15.hf_checkpoint import load_weights
+from qwen15.lora.modules import adapter_parameters, add_adapters, init_adapters
 from qwen15.model import Qwen
-from qwen15.parallel.layout import ParallelLayout
-from qwen15.train import distributed as D
-from qwen15.train.checkpointing import CheckpointManager, resolve_checkpoint
+from qwen15.model_config import IM_END_ID, SHAPE_KEYS, ModelConfig, get_preset
+from qwen15.parallel import process_group as D
+from qwen15.parallel.layout import ParallelLayout, build_mesh
+from qwen15.parallel.parallelize import parallelize, uses_autocast
+from qwen15.quantize import quantize_int8
 from qwen15.train.config import TrainConfig, TrainConfigError
+from qwen15.train.dcp_checkpoint import (
+    CheckpointManager,
+    complete_checkpoints,
+    read_trainer_state,
+    resolve_checkpoint,
+    set_aside,
+    step_of,
+)
+from qwen15.train.lineage import config_changes, lineage_of, new_lineage
 from qwen15.train.loss import count_targets, cross_entropy_sum, micro_batch_loss
 from qwen15.train.metrics import (
     MetricsLogger,
@@ -40,24 +52,25 @@ from qwen15.train.metrics import (
     read_metrics,
 )
 from qwen15.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr, set_weight_decay
-from qwen15.train.parallelize import parallelize, uses_autocast
-from qwen15.train.weights import init_weights, load_hf_weights
-
-SHAPE_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_position_embeddings",
-    "rope_theta",
-    "tie_word_embeddings",
-)
+from qwen15.train.random_init import init_weights
+from qwen15.train.run_lock import RunLock
 
 
 class TrainingDiverged(UserError):
     """The loss or the gradient norm became NaN or infinite; the weights were not updated with it."""
+
+
+class PeerLost(UserError):
+    """Another process of the run (a worker, a node, its launcher) went away in the middle of a collective."""
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timeout")
+
+
+def _is_peer_loss(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(error, getattr(dist, "DistError", ())) or any(s in str(error) for s in _PEER_GONE)
 
 
 @dataclass
@@ -116,7 +129,7 @@ class Trainer:
         try:
             self._setup()
         except BaseException:
-            D.teardown(self.env)
+            self.close()
             raise
 
     def log(self, message: str) -> None:
@@ -143,8 +156,8 @@ class Trainer:
             )
         self.model_config = model_config_from(cfg)
         self.layout = self._layout()
-        self.mesh = D.build_mesh(env, self.layout)
-        self.dp_rank, self.dp_size = D.dp_info(self.mesh)
+        self.mesh = build_mesh(self.layout, env.device.type)
+        self.dp_rank, self.dp_size = self.mesh.dp.get_local_rank(), self.mesh.dp.size()
         self.pp_rank = self.mesh["pp"].get_local_rank()
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         self.accumulation = gbs // (self.dp_size * mbs)
@@ -168,11 +181,14 @@ class Trainer:
                 f"{cfg.data.path}: the tokenizer of the data has {data_vocab} tokens but the model has only "
                 f"{self.model_config.vocab_size} embedding rows (model.vocab_size)"
             )
-        self.tokenizer_dir = self._prepare_tokenizer()
+        tokenizer = self._load_tokenizer()
         self.chat = self._is_chat()
+        if cfg.checkpoint.resume not in ("auto", "never"):
+            resolve_checkpoint(cfg.checkpoint.resume)  # a damaged or missing checkpoint fails before any work
 
         with torch.device("meta"):
             model = Qwen(self.model_config)
+        self.lora = self._add_adapters(model) if cfg.lora.enabled else None
         if self.layout.pp > 1:
             from qwen15.parallel.pipeline import stage_modules
 
@@ -187,27 +203,36 @@ class Trainer:
                 compute_dtype=self.compute_dtype,
                 activation_checkpointing=cfg.train.activation_checkpointing,
                 compile=cfg.train.compile,
-                reshard_after_forward=cfg.parallel.reshard_after_forward,
             )
             part.to_empty(device=self.device)
             part.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them)
         self.autocast = uses_autocast(parts[0], self.compute_dtype)
         if cfg.model.path is not None:
             self.log(f"loading weights from {cfg.model.path}")
-            load_hf_weights(parts, cfg.model.path)
+            load_weights(parts, cfg.model.path)
         else:
             init_weights(parts, cfg.model.init_seed)
+        if self.lora is not None:
+            init_adapters(parts, cfg.lora.init_seed)
+            if cfg.lora.base_dtype == "int8":
+                quantize_int8(model, embeddings=False)  # the frozen projections; LoRALinears keep adapters
         for part in parts:
             part.train()
         self.parts = parts
         self.model = parts[0]  # the whole model when pp is 1
         self.optimizers = [build_optimizer(part, cfg.optim) for part in parts]
-        self.optimizer = self.optimizers[0]
         self.schedule = self._pipeline_schedule() if self.layout.pp > 1 else None
 
+        # Everything above only reads; the run directory is written from here on, under its lock.
+        self.locks = self._lock_run_dir()
+        self.tokenizer_dir = self._save_tokenizer(tokenizer)
         self.step = 0
         self.tokens_seen = 0
-        self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep, env)
+        if self.lora is not None:
+            self._seed_dropout(0)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_dir, cfg.checkpoint.keep, env, trainable_only=self.lora is not None
+        )
         self.checkpoints.remove_partial()
         self.resumed_from = self._resume()
         if env.is_main:
@@ -220,15 +245,84 @@ class Trainer:
             resume_step=self.step,
             echo=self._echo,
         )
-        self.flops_per_token = flops_per_token(self.model_config, self.seq_length)
+        self.flops_per_token = flops_per_token(
+            self.model_config, self.seq_length, weight_gradients=self.lora is None
+        )
         self.peak = peak_tflops(self.device, cfg.metrics.peak_tflops)
         n = self.model_config.num_params()
+        if self.lora is not None:
+            trained = sum(p.numel() for p in adapter_parameters(self.model).values())  # global, also if split
+            self.log(
+                f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.target_modules)}: "
+                f"{trained / 1e6:,.2f}M adapter parameters ({100 * trained / n:.2f}% of the model) train in "
+                f"fp32; the base stays frozen in {self.base_dtype_name}"
+            )
         self.log(
             f"{cfg.train.mode}: {n / 1e6:,.1f}M parameters, {env.world_size} process(es) on {self.device.type} "
             f"({describe_layout(self.layout)}), {str(self.compute_dtype).removeprefix('torch.')} compute; "
             f"{gbs} rows x {self.seq_length} tokens per step ({self.accumulation} micro-batch(es) of {mbs} per "
             f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
         )
+
+    def _lock_run_dir(self) -> list[RunLock]:
+        """Rank 0 takes the lock of the run directory (and of the checkpoint directory when it lies elsewhere)
+        for the run's life; every rank learns the outcome, so that all stop with the same message."""
+        from qwen15.errors import describe_user_os_error
+
+        cfg, locks, error = self.cfg, [], None
+        if self.env.is_main:
+            folders = {"train.run_dir": cfg.run_dir}
+            if cfg.run_dir.resolve() not in [
+                cfg.checkpoint_dir.resolve(),
+                *cfg.checkpoint_dir.resolve().parents,
+            ]:
+                folders["checkpoint.dir"] = cfg.checkpoint_dir
+            try:
+                for key, folder in folders.items():
+                    if folder.exists() and not folder.is_dir():
+                        raise TrainConfigError(
+                            f"{key} {folder}: is a file, not a folder; choose another {key}"
+                        )
+                for key, folder in folders.items():
+                    try:
+                        locks.append(RunLock(folder).acquire())
+                    except OSError as e:
+                        raise TrainConfigError(f"{key} {folder}: {describe_user_os_error(e) or e}") from None
+            except UserError as e:
+                for lock in locks:
+                    lock.release()
+                locks, error = [], (type(e), str(e))
+        error = D.broadcast_object(error)
+        if error is not None:
+            cls, message = error
+            raise (cls if issubclass(cls, UserError) else TrainConfigError)(message)
+        return locks
+
+    def _add_adapters(self, model: nn.Module):
+        """Adapters on the meta model, before any split (so tensor parallel and FSDP2 shard them with their
+        projection); the base is frozen in lora.base_dtype (no fp32 master copy, gradients or optimizer state)."""
+        lora = self.cfg.lora
+        if lora.base_dtype == "int8" and self.env.world_size > 1:
+            raise TrainConfigError(
+                "lora.base_dtype int8 runs in one process (the int8 base is not sharded); under torchrun use "
+                "bfloat16, which FSDP2 shards"
+            )
+        if lora.base_dtype == "bfloat16" and self.compute_dtype == torch.float32:
+            raise TrainConfigError(
+                "lora.base_dtype bfloat16 computes in bfloat16: set train.dtype bfloat16 (auto is bfloat16 on a "
+                "GPU), or lora.base_dtype auto for an fp32 base"
+            )
+        spec = lora.spec()
+        add_adapters(model, spec, dtype=torch.float32)
+        dtype = {"auto": self.compute_dtype, "int8": self.compute_dtype, "bfloat16": torch.bfloat16}.get(
+            lora.base_dtype, torch.float32
+        )
+        self.base_dtype_name = "int8" if lora.base_dtype == "int8" else str(dtype).removeprefix("torch.")
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)  # in place of the data: tied parameters stay one
+        return spec
 
     def _layout(self) -> ParallelLayout:
         """The `parallel` section as a layout checked against this launch and the model (errors name the key)."""
@@ -239,7 +333,7 @@ class Trainer:
                 f"note: this recipe is laid out for parallel.world_size {par.world_size} processes but "
                 f"{world} were started; the layout is checked against {world}"
             )
-        layout = par.layout().resolve(world)
+        layout = par.resolve(world)
         gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
         if gbs % (layout.dp * mbs):
             raise TrainConfigError(
@@ -279,9 +373,8 @@ class Trainer:
             tp_mesh=self.mesh["tp"],
         )
 
-    def _prepare_tokenizer(self) -> Path | None:
-        """Save the run's tokenizer once in the run directory (checkpoints and exports copy it from there), and
-        refuse data tokenized by another tokenizer."""
+    def _load_tokenizer(self):
+        """The run's tokenizer (model.tokenizer, or the model folder's), refusing data tokenized by another."""
         source = self.cfg.model.tokenizer
         if source is None and self.cfg.model.path is not None:
             folder = Path(self.cfg.model.path)
@@ -301,6 +394,17 @@ class Trainer:
                 f"{self.cfg.data.path} was built with another tokenizer (fingerprint {expected}) than {source} "
                 f"({tokenizer.fingerprint}); preprocess the data again with the model's tokenizer"
             )
+        if len(tokenizer) > self.model_config.vocab_size:
+            raise TrainConfigError(
+                f"model.tokenizer {source}: {len(tokenizer)} tokens, but the model has only "
+                f"{self.model_config.vocab_size} embedding rows (model.vocab_size)"
+            )
+        return tokenizer
+
+    def _save_tokenizer(self, tokenizer) -> Path | None:
+        """Save the run's tokenizer once in the run directory (checkpoints and exports copy it from there)."""
+        if tokenizer is None:
+            return None
         folder = self.cfg.run_dir / "tokenizer"
         if self.env.is_main:
             tmp = folder.with_name(".tokenizer.partial")
@@ -319,12 +423,44 @@ class Trainer:
         return IM_END_ID in self.model_config.eos_token_ids  # finetuning a Chat model keeps it one
 
     def _resume(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
+        """Pick the checkpoint to resume from (resume auto: the newest intact one; damaged newer ones are named and
+        moved to damaged/) and settle the lineage: checkpoints that are not history of what this run continues
+        are moved to abandoned/ (qwen15.train.lineage)."""
+        cfg = self.cfg
+        resume = cfg.checkpoint.resume
         if resume == "never":
-            return None
-        path = self.checkpoints.latest() if resume == "auto" else resolve_checkpoint(resume)
+            path = None
+        elif resume == "auto":
+            path = self.checkpoints.latest_intact(self.log)
+        else:
+            path = resolve_checkpoint(resume, self.log)
+        folder = cfg.checkpoint_dir
+        existing = complete_checkpoints(folder)
+        here = path is not None and path.parent.resolve() == folder.resolve()
+        if path is None:
+            self.lineage, stale, why = (
+                new_lineage(),
+                existing,
+                "this run starts over (checkpoint.resume never)",
+            )
+        else:
+            parent = lineage_of(read_trainer_state(path))
+            if here and path == existing[-1]:
+                self.lineage, stale, why = parent, [], ""
+            else:
+                branch = {"id": parent["id"], "step": step_of(path), "checkpoint": str(path)}
+                self.lineage = new_lineage(branch)
+                stale = [c for c in existing if step_of(c) > step_of(path)] if here else existing
+                why = f"this run continues from {path}, not from the newest checkpoint of {folder}"
+        if stale:
+            self._abandon(stale, why)
         if path is None:
             return None
+        changes = config_changes(path / "train_config.yaml", cfg.to_dict())
+        if changes:
+            self.log(
+                f"note: resuming from {path} with settings that differ from its own: {'; '.join(changes)}"
+            )
         saved = ModelConfig.from_json_file(path / "config.json")
         diff = [k for k in SHAPE_KEYS if getattr(saved, k) != getattr(self.model_config, k)]
         if diff:
@@ -332,6 +468,7 @@ class Trainer:
                 f"{path}: the checkpoint's model differs from this run's in {', '.join(diff)}; resume with the "
                 "same model, or start a new run directory (--train.run_dir) / --checkpoint.resume never"
             )
+        self._check_resume_lora(path, read_trainer_state(path).get("lora"))
         self.log(f"resuming from {path}")
         state = self.checkpoints.load(path, self.parts, self.optimizers, layout=self._layout_dict())
         for optimizer in self.optimizers:  # this run's settings, not the checkpoint's
@@ -344,6 +481,8 @@ class Trainer:
             raise DatasetError(f"{path}: {e}") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        if self.lora is not None and not state["rng_restored"]:
+            self._seed_dropout(self.step)
         saved_layout = state.get("layout")
         if state["world_size"] != self.env.world_size or (
             saved_layout and saved_layout != self._layout_dict()
@@ -355,6 +494,53 @@ class Trainer:
                 f"the data order continues at row {self.sampler.position} of the global order"
             )
         return path
+
+    def _abandon(self, stale: list[Path], why: str) -> None:
+        """Move checkpoints of another history out of the listing (rank 0), with a copy of the metrics so far."""
+        where = None
+        if self.env.is_main:
+            where = set_aside(stale, self.cfg.checkpoint_dir, "abandoned")
+            metrics = self.cfg.run_dir / "metrics.jsonl"
+            if metrics.is_file():
+                shutil.copy2(metrics, where / "metrics.jsonl")
+            self.log(
+                f"WARNING: {why}: moved {len(stale)} checkpoint(s) of the earlier history "
+                f"({', '.join(c.name for c in stale)}) and a copy of metrics.jsonl to {where}; `resume: auto` never "
+                "picks them up. Delete that folder when you no longer need it."
+            )
+        D.barrier()
+
+    def _seed_dropout(self, step: int) -> None:
+        """The adapters' dropout masks: one random stream per data-parallel rank, the same on the tensor-parallel
+        ranks that share its rows (their replicated inputs must get the same mask), reproducible from the seed."""
+        torch.manual_seed(self.cfg.lora.init_seed + 1_000_003 * self.dp_rank + 100_003 * step)
+
+    def _check_resume_lora(self, path: Path, saved: dict[str, Any] | None) -> None:
+        """A LoRA run resumes only from a LoRA checkpoint with the same adapter shapes, and a full run only
+        from a full checkpoint (each holds what the other lacks)."""
+        where = "start a new run directory (--train.run_dir) or set --checkpoint.resume never"
+        current = self._lora_state()
+        if saved is None and current is not None:
+            raise TrainConfigError(
+                f"{path}: a full-training checkpoint cannot resume a LoRA run (lora.r is set); {where}"
+            )
+        if saved is not None and current is None:
+            raise TrainConfigError(
+                f"{path}: a LoRA checkpoint (adapters only) cannot resume full training; set the lora section as "
+                f"it was (r {saved['r']}) or {where}"
+            )
+        if saved is not None:
+            for key in ("r", "target_modules"):
+                if saved[key] != current[key]:
+                    raise TrainConfigError(
+                        f"{path}: the checkpoint's adapters have lora.{key} {saved[key]}, this run {current[key]}; "
+                        f"resume with the same adapters, or {where}"
+                    )
+            if saved.get("base") != current["base"]:
+                self.log(
+                    f"note: the checkpoint's adapters were trained on {saved.get('base')}, this run loads the "
+                    f"base from {current['base']}"
+                )
 
     # ------------------------------------------------------------------ one step
 
@@ -461,13 +647,30 @@ class Trainer:
             "mode": self.cfg.train.mode,
             "chat": self.chat,
             "generation": self._generation_settings(),
+            "lineage": self.lineage,
+            "lora": self._lora_state(),
         }
         return self.checkpoints.save(
             self.step, self.parts, self.optimizers, state, self._write_checkpoint_files
         )
 
+    def _lora_state(self) -> dict[str, Any] | None:
+        """What `qwen15 convert --to peft` and a resume need to know of the adapters (None: full training)."""
+        if self.lora is None:
+            return None
+        spec = self.lora
+        return {
+            "r": spec.r,
+            "alpha": spec.alpha,
+            "dropout": spec.dropout,
+            "rslora": spec.rslora,
+            "target_modules": list(spec.target_modules),
+            "base_dtype": self.cfg.lora.base_dtype,
+            "base": self.cfg.model.path,
+        }
+
     def _layout_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.layout)
+        return self.layout.split()
 
     def _generation_settings(self) -> dict[str, Any]:
         g = self.cfg.generation
@@ -488,6 +691,20 @@ class Trainer:
                 shutil.copyfile(f, folder / f.name)
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except RuntimeError as e:
+            if self.env.world_size == 1 or not _is_peer_loss(e):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            last = self.checkpoints.latest()
+            raise PeerLost(
+                f"rank {self.env.rank}: lost contact with other training processes ({first[:200]}); a worker, a "
+                f"node or its launcher stopped. The last complete checkpoint is {last or '(none yet)'}; start every "
+                "node again to resume from it"
+            ) from None
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         total = cfg.train.steps
         result = TrainResult(cfg.run_dir, self.step, resumed_from=self.resumed_from)
@@ -495,6 +712,12 @@ class Trainer:
         saved_at = self.step if self.resumed_from else -1
         start = self.step
         end = min(total, cfg.train.stop_at or total)
+        if self.step >= end:
+            self.log(
+                f"nothing to train: the run is at step {self.step} of train.steps {total}"
+                + (f" (train.stop_at {cfg.train.stop_at})" if cfg.train.stop_at else "")
+                + "; raise --train.steps to continue it, or choose another --train.run_dir for a new run"
+            )
         while self.step < end:
             batch = self.dataset.batch(self.sampler.next_batch())
             stats = self.train_step(batch)
@@ -534,11 +757,18 @@ class Trainer:
                 self.log(f"loss curve: {png}")
         if result.last_checkpoint is not None:
             self.log(f"checkpoint: {result.last_checkpoint}")
+            if self.lora is not None and cfg.lora.export and self.env.is_main:
+                from qwen15.train.export import export_peft
+
+                adapter = export_peft(result.last_checkpoint, cfg.run_dir / "adapter", overwrite=True)
+                self.log(f"adapter (PEFT format): {adapter}")
         return result
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        for lock in getattr(self, "locks", []):
+            lock.release()
         D.teardown(self.env)
 
 
