@@ -11,8 +11,9 @@
 3. int8 weight-only decoding agrees with bf16 (share of equal greedy tokens, printed);
 4. the output layer + cross-entropy that train.compile compiles equals the eager one (loss and gradients, bf16
    autocast, the real vocabulary), and how long each takes;
-5. the trainer on the device (bf16 compute over fp32 master weights), eager and with train.compile: the first loss
-   equals an fp32 CPU run of the same weights and batch within bf16 rounding, and 8 steps drive the loss down.
+5. the trainer on the device (bf16 compute over fp32 master weights), eager and with train.compile, against an fp32
+   CPU run from the same initial weights on the same batches: losses within bf16 rounding, the same first update
+   (cosine), and 8 steps drive the loss down; a control with other weights must fail that comparison.
 Every check prints PASS or FAIL with its figures; the exit status is the number of failures.
 """
 
@@ -177,6 +178,14 @@ def check_engine(device) -> None:
 
 
 def check_trainer(device) -> None:
+    """The trainer on the device (bf16 compute over fp32 master weights), eager and with train.compile, against
+    the same trainer in fp32 on CPU from the same initial weights (copied over: the seeded init draws from the
+    device's own generator, so a CUDA run and a CPU run of one seed start from different weights) on the same 8
+    batches. Compared: every step's loss within 2**-8 relative (one bf16 rounding unit of the loss: bf16 keeps 8
+    significant bits; the CPU run of this script measured 2.2e-4, and 8.3e-3 for the control), and the first
+    update (weights after step 1 minus before) with cosine similarity >= 0.9 to the fp32 one (measured 0.996; the
+    control -0.0002). The control — the same comparison from other initial weights — must fail it, or the check
+    could not tell."""
     from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
@@ -188,10 +197,11 @@ def check_trainer(device) -> None:
             Path(tmp) / "data", [(r, [True] * len(r)) for r in rows.tolist()], seq_length=128, layout="pad"
         )
 
-        def trainer(dev, run, compile=False):
+        def trainer(dev, run, compile=False, dtype="auto", seed=3):
             args = [
-                "--train.compile", str(compile).lower(),
-                "--model.preset", "tiny", "--model.vocab_size", "512", "--data.path", str(data),
+                "--train.compile", str(compile).lower(), "--train.dtype", dtype,
+                "--model.preset", "tiny", "--model.vocab_size", "512", "--model.init_seed", str(seed),
+                "--data.path", str(data),
                 "--train.run_dir", str(Path(tmp) / run), "--train.global_batch_size", "8",
                 "--train.micro_batch_size", "4", "--train.device", dev, "--train.steps", "20",
                 "--optim.lr", "3e-3", "--optim.warmup_steps", "2", "--metrics.plot", "false",
@@ -200,22 +210,49 @@ def check_trainer(device) -> None:
             ]  # fmt: skip
             return Trainer(load_config(None, args), echo=lambda m: None)
 
-        cpu = trainer("cpu", "cpu")
-        batch = cpu.dataset.batch(list(range(8)))
-        ref = float(cpu.train_step(batch)["loss"])
-        cpu.close()
+        def weights(t):
+            return {k: v.detach().float().cpu().clone() for k, v in t.model.state_dict().items()}
+
+        def run(t, initial=None):
+            """Losses of 8 steps and the first update, from `initial` weights when given."""
+            if initial is not None:
+                t.model.load_state_dict({k: v.to(t.device) for k, v in initial.items()})
+            before, losses, update = weights(t), [], None
+            for i in range(8):
+                losses.append(float(t.train_step(t.dataset.batch(list(range(8 * i, 8 * i + 8))))["loss"]))
+                if i == 0:
+                    update = {k: v - before[k] for k, v in weights(t).items()}
+            t.close()
+            return losses, update
+
+        cpu = trainer("cpu", "cpu", dtype="float32")
+        initial = weights(cpu)
+        ref_losses, ref_update = run(cpu)
+
+        def compare(losses, update):
+            rel = max(abs(a - b) / b for a, b in zip(losses, ref_losses))
+            dot = sum(float((update[k] * ref_update[k]).sum()) for k in update)
+            norms = [sum(float(u[k].pow(2).sum()) for k in u) ** 0.5 for u in (update, ref_update)]
+            cosine = dot / (norms[0] * norms[1])
+            return rel, cosine, rel <= 2**-8 and cosine >= 0.9
+
+        low = "bfloat16" if device.type == "cpu" else "auto"  # auto: bf16 on CUDA
         for compile in (False, True):
-            gpu = trainer(device.type, f"gpu-{compile}", compile)
-            losses = [
-                float(gpu.train_step(gpu.dataset.batch(list(range(8 * i, 8 * i + 8))))["loss"])
-                for i in range(8)
-            ]
-            gpu.close()
+            losses, update = run(trainer(device.type, f"dev-{compile}", compile, low), initial)
+            rel, cosine, ok = compare(losses, update)
             report(
-                f"trainer on {device.type} (bf16 compute, fp32 master{', compiled' if compile else ''})",
-                abs(losses[0] - ref) < 0.02 * ref and losses[-1] < losses[0] - 0.3,
-                f"first loss {losses[0]:.4f} vs fp32 CPU {ref:.4f}; after 8 steps {losses[-1]:.4f}",
+                f"trainer on {device.type} (bf16 compute, fp32 master{', compiled' if compile else ''}) vs fp32 CPU",
+                ok and losses[-1] < losses[0] - 0.3,
+                f"losses {losses[0]:.4f} -> {losses[-1]:.4f} vs {ref_losses[0]:.4f} -> {ref_losses[-1]:.4f}, "
+                f"max relative difference {rel:.1e} (bound {2**-8:.1e}); first update cosine {cosine:.4f}",
             )
+        other, other_update = run(trainer(device.type, "control", False, low, seed=4))
+        rel, cosine, ok = compare(other, other_update)
+        report(
+            "control: other initial weights are told apart",
+            not ok,
+            f"max relative loss difference {rel:.1e}, first update cosine {cosine:.4f}",
+        )
 
 
 def check_compiled_loss(device) -> None:

@@ -1,9 +1,15 @@
-"""Training-step throughput: qwen15's trainer step vs a plain transformers Qwen2ForCausalLM + torch AdamW loop.
+"""Training-step throughput: qwen15's trainer step vs transformers' Qwen2ForCausalLM in a plain loop, two ways.
 
-Both sides get the same shape, the same batch and the same work per step (forward, token-mean cross-entropy,
-backward, clip to global norm 1.0, AdamW), in the same process, interleaved, so that the ratio holds on a noisy
+Every side gets the same shape, the same batch and the same work per step (forward, token-mean cross-entropy,
+backward, clip to global norm 1.0, AdamW), in the same process, interleaved, so that the ratios hold on a noisy
 shared machine. Ours is the real `Trainer.train_step` (micro-batching, global-token loss, clipping, AdamW with
-decay groups, schedule), fed by a dataset folder of random tokens.
+decay groups, schedule), fed by a dataset folder of random tokens. The two baselines:
+  eager     transformers as ANCHORS.md measured it: eager, torch's default AdamW (bf16 parameters on CUDA);
+  compiled  transformers with torch.compile over the model and its loss, fp32 parameters under bf16 autocast on
+            CUDA (our numerics), and the very optimizer our trainer builds (qwen15.train.optim.build_optimizer:
+            fused AdamW, the same decay groups): the same AdamW implementation on both sides. On CPU only with
+            --compile-cpu (compiling takes minutes there).
+Each ratio names its baseline.
 
   python bench/train.py                 # CPU: tiny and a 0.5B-width 2-layer subset; GPU too when one exists
   python bench/train.py --only cpu-tiny --compile-cpu
@@ -120,6 +126,37 @@ def reference(case: str, b, trainer):
     return step
 
 
+def reference_compiled(case: str, b, trainer):
+    """The second baseline (see the module docstring): compiled transformers with our trainer's optimizer."""
+    from decode import hf_config_dict
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen15.train.optim import build_optimizer, set_lr
+
+    device = trainer.device
+    config = Qwen2Config(**hf_config_dict(trainer.model_config), attn_implementation="sdpa")
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)  # fp32 parameters: master weights, as ours
+    model.train()
+    opt = build_optimizer(model, trainer.cfg.optim)
+    set_lr(opt, 1e-5)
+    compiled = torch.compile(model)
+    ids = b["input_ids"].to(device)
+    labels = ids.clone()
+    autocast = trainer.autocast  # bf16 autocast where our trainer uses it (one CUDA process)
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            loss = compiled(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+
+    return step
+
+
 def timed(step, device, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
@@ -137,35 +174,43 @@ def run_case(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu:
     from qwen15.train.metrics import flops_per_token, peak_tflops
 
     trainer, ours_step, b = ours(case, tmp, compile, compile_cpu)
-    ref_step = reference(case, b, trainer)
-    tokens = b["input_ids"].numel()
+    steps = {"ours": ours_step, "eager": reference(case, b, trainer)}
     cuda = trainer.device.type == "cuda"
+    errors = {}
+    if cuda or compile_cpu:
+        try:
+            steps["compiled"] = reference_compiled(case, b, trainer)
+        except Exception as e:  # reported in the row instead of a figure
+            errors["compiled"] = f"{type(e).__name__}: {e}"
+    tokens = b["input_ids"].numel()
     peaks = {}
-    for name, step in (("ours", ours_step), ("ref", ref_step)) * 2:  # warm-up (compile, allocator)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        step()
-        if cuda:
-            peaks[name] = torch.cuda.max_memory_allocated() / 2**30
-    t_ours, t_ref = [], []
-    for _ in range(reps):  # interleaved so that machine noise hits both alike
-        t_ours += timed(ours_step, trainer.device, 1)
-        t_ref += timed(ref_step, trainer.device, 1)
-    ours_tps, ref_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_ref)
-    row = {
-        "case": case,
-        "tokens": tokens,
-        "ours": ours_tps,
-        "transformers": ref_tps,
-        "ratio": ours_tps / ref_tps,
-    }
-    if cuda:  # both models live on the device at once: each peak includes the other's resident state
+    for _ in range(2):  # warm-up (compile, allocator)
+        for name, step in list(steps.items()):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                step()
+            except Exception as e:
+                if name == "ours":
+                    raise
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                del steps[name]
+                continue
+            if cuda:
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    times = {name: [] for name in steps}
+    for _ in range(reps):  # interleaved so that machine noise hits every side alike
+        for name, step in steps.items():
+            times[name] += timed(step, trainer.device, 1)
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    row = {"case": case, "tokens": tokens, "tok_s": tps, "errors": errors}
+    row["ratio"] = {name: tps["ours"] / v for name, v in tps.items() if name != "ours"}
+    if cuda:  # every model lives on the device at once: each peak includes the others' resident state
         row["peak_gib"] = peaks
     peak = peak_tflops(trainer.device)
     if peak:
         fpt = flops_per_token(trainer.model_config, trainer.seq_length)
-        row["mfu_ours"] = fpt * ours_tps / (peak * 1e12)
-        row["mfu_transformers"] = fpt * ref_tps / (peak * 1e12)
+        row["mfu"] = {name: fpt * v / (peak * 1e12) for name, v in tps.items()}
     trainer.close()
     return row
 
@@ -186,21 +231,27 @@ def main() -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
     )
+    names = {
+        "eager": "transformers eager + torch AdamW",
+        "compiled": "transformers compiled + our fused AdamW",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             r = run_case(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu)
-            mfu = (
-                f", MFU {100 * r['mfu_ours']:.1f}% vs {100 * r['mfu_transformers']:.1f}%"
-                if "mfu_ours" in r
-                else ""
-            )
+            parts = [f"{case}: {r['tokens']} tokens/step", f"qwen15 {r['tok_s']['ours']:,.0f} tok/s"]
+            for name, label in names.items():
+                if name in r["tok_s"]:
+                    parts.append(f"{label} {r['tok_s'][name]:,.0f} tok/s, ratio {r['ratio'][name]:.2f}x")
+                elif name in r["errors"]:
+                    parts.append(f"{label}: failed ({r['errors'][name]})")
+            line = " | ".join(parts)
+            if "mfu" in r:
+                line += ", MFU " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["mfu"].items())
             if "peak_gib" in r:
-                mfu += f", peak GiB during step: ours {r['peak_gib']['ours']:.1f}, ref {r['peak_gib']['ref']:.1f}"
-            print(
-                f"{case}: {r['tokens']} tokens/step | qwen15 {r['ours']:,.0f} tok/s | transformers+AdamW "
-                f"{r['transformers']:,.0f} tok/s | ratio {r['ratio']:.2f}x{mfu}",
-                flush=True,
-            )
+                line += ", peak GiB during step: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in r["peak_gib"].items()
+                )
+            print(line, flush=True)
     if not torch.cuda.is_available():
         print("no GPU here: the CUDA case (0.5B, seq 4096, bf16) was not measured")
     return 0

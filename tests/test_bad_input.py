@@ -61,6 +61,8 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
     t2k = ["tokenizer", "from-tiktoken"]
     enc = ["tokenizer", "encode"]
     demo = ["demo", "--quick"]
+    merge = ["lora", "merge", "--model", s["model"]]
+    ms_from = ["convert", "--from", "mindspore"]
     c: list[tuple[str, list[str], list[str]]] = [
         # ------------------------------------------------------------------ tokenizer from-tiktoken
         ("t2k-missing", [*t2k, s["root"] + "/nope.tiktoken", str(new / "t")], ["nope.tiktoken"]),
@@ -432,6 +434,118 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
             ["--max-shard-size"],
         ),  # fmt: skip
         ("conv-model-dir", [*conv, s["model"], str(new / "out")], [s["model"]]),
+        # ------------------------------------------------------------------ LoRA adapters, speculative decoding
+        ("gen-adapter-missing", [*gen, "--adapter", str(new / "ad")], ["--adapter", str(new / "ad")]),
+        ("gen-adapter-is-file", [*gen, "--adapter", s["notes"]], [s["notes"]]),
+        ("gen-adapter-no-config", [*gen, "--adapter", s["dir"]], [s["dir"], "adapter_config.json"]),
+        ("gen-adapter-bad-config", [*gen, "--adapter", s["adapter_badcfg"]], ["adapter_config.json"]),
+        ("gen-adapter-dora", [*gen, "--adapter", s["adapter_dora"]], ["use_dora"]),
+        ("chat-adapter-missing", [*chat, "--adapter", str(new / "ad")], [str(new / "ad")]),
+        ("gen-draft-missing", [*gen, "--draft-model", str(new / "d")], [str(new / "d")]),
+        ("gen-draft-is-file", [*gen, "--draft-model", s["notes"]], [s["notes"]]),
+        ("gen-draft-other-vocab", [*gen, "--draft-model", s["model_othervocab"]], ["--draft-model"]),
+        (
+            "gen-draft-tokens-0",
+            [*gen, "--draft-model", s["model"], "--draft-tokens", "0"],
+            ["--draft-tokens"],
+        ),
+        ("gen-draft-two-prompts", [*gen, "--prompt", "b", "--draft-model", s["model"]], ["--draft-model"]),
+        ("chat-draft-missing", [*chat, "--draft-model", str(new / "d")], [str(new / "d")]),
+        (
+            "merge-adapter-missing",
+            [*merge, "--adapter", str(new / "ad"), "--output", str(new / "m")],
+            [str(new / "ad")],
+        ),
+        (
+            "merge-model-missing",
+            [*merge[:2], "--model", str(new / "b"), "--adapter", s["adapter"], "--output", str(new / "m")],
+            [str(new / "b")],
+        ),
+        (
+            "merge-out-is-model",
+            [*merge, "--adapter", s["adapter"], "--output", s["model"], "--overwrite"],
+            [s["model"]],
+        ),
+        (
+            "merge-out-is-adapter",
+            [*merge, "--adapter", s["adapter"], "--output", s["adapter"], "--overwrite"],
+            [s["adapter"]],
+        ),
+        (
+            "merge-out-exists",
+            [*merge, "--adapter", s["adapter"], "--output", s["export"]],
+            [s["export"], "--overwrite"],
+        ),
+        (
+            "merge-out-not-ours",
+            [*merge, "--adapter", s["adapter"], "--output", s["userdir"], "--overwrite"],
+            [s["userdir"]],
+        ),
+        (
+            "merge-out-unwritable",
+            [*merge, "--adapter", s["adapter"], "--output", str(locked / "m")],
+            [str(locked)],
+        ),
+        ("merge-out-file", [*merge, "--adapter", s["adapter"], "--output", s["notes"]], [s["notes"]]),
+        (
+            "peft-full-checkpoint",
+            ["convert", "--to", "peft", s["ckpt"], str(new / "ad")],
+            [s["ckpt"], "--to hf"],
+        ),
+        ("peft-missing", ["convert", "--to", "peft", str(new / "ck"), str(new / "ad")], [str(new / "ck")]),
+        # ------------------------------------------------------------------ MindSpore
+        (
+            "ms-ckpt-missing",
+            [*ms_from, str(new / "x.ckpt"), str(new / "hf"), "--config", s["model"] + "/config.json"],
+            [str(new / "x.ckpt")],
+        ),
+        (
+            "ms-ckpt-not-ckpt",
+            [*ms_from, s["notes"], str(new / "hf"), "--config", s["model"] + "/config.json"],
+            [s["notes"]],
+        ),
+        ("ms-no-config", [*ms_from, s["notes"], str(new / "hf")], ["--config"]),
+        (
+            "ms-config-missing",
+            [*ms_from, s["notes"], str(new / "hf"), "--config", str(new / "c.yaml")],
+            [str(new / "c.yaml")],
+        ),
+        (
+            "ms-to-missing",
+            ["convert", "--to", "mindspore", str(new / "hf"), str(new / "o.ckpt")],
+            [str(new / "hf")],
+        ),
+        ("ms-to-out-exists", ["convert", "--to", "mindspore", s["model"], s["notes"]], [s["notes"]]),
+        (
+            "ms-to-out-is-dir",
+            ["convert", "--to", "mindspore", s["model"], s["userdir"], "--overwrite"],
+            [s["userdir"]],
+        ),
+        ("ms-option-wrong-way", ["convert", "--to", "hf", s["ckpt"], str(new / "o"), "--crc"], ["--crc"]),
+        (
+            "mr-missing",
+            [
+                "data",
+                "from-mindrecord",
+                str(new / "x.mindrecord"),
+                str(new / "d"),
+                "--tokenizer",
+                s["tok"],
+                "--quiet",
+            ],
+            [str(new / "x.mindrecord")],
+        ),
+        (
+            "mr-not-mindrecord",
+            ["data", "from-mindrecord", s["notes"], str(new / "d"), "--tokenizer", s["tok"], "--quiet"],
+            [s["notes"]],
+        ),
+        # ------------------------------------------------------------------ serve (refused before it listens)
+        ("serve-model-missing", ["serve", "--model", str(new / "m"), "--device", "cpu"], [str(new / "m")]),
+        ("serve-port", ["serve", *model, "--port", "70000"], ["--port"]),
+        ("serve-max-seqs-0", ["serve", *model, "--max-num-seqs", "0"], ["--max-num-seqs"]),
+        ("serve-kv-memory", ["serve", *model, "--kv-cache-memory", "lots"], ["--kv-cache-memory"]),
+        ("serve-adapter-missing", ["serve", *model, "--adapter", str(new / "ad")], [str(new / "ad")]),
         # ------------------------------------------------------------------ demo
         ("demo-out-file", [*demo, "--out", s["notes"]], [s["notes"]]),
         ("demo-out-not-ours", [*demo, "--out", s["userdir"]], [s["userdir"]]),
@@ -452,10 +566,37 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
     return c
 
 
+def _adapters_and_drafts(p: dict, root: Path) -> None:
+    """A PEFT adapter of the fixture model, broken ones, and a model of another vocabulary (a draft that cannot
+    draft for it)."""
+    import torch
+
+    from qwen15 import Qwen
+    from qwen15.lora import LoRASpec, add_adapters, save_adapter
+
+    model = Qwen.from_pretrained(str(p["model"]))
+    add_adapters(model, LoRASpec(r=2, alpha=4), generator=torch.Generator().manual_seed(0))
+    p["adapter"] = root / "adapter"
+    save_adapter(model, p["adapter"])
+    config = json.loads((p["adapter"] / "adapter_config.json").read_text())
+    for name, text in (
+        ("adapter_badcfg", '{"r": 2,\n'),
+        ("adapter_dora", json.dumps({**config, "use_dora": True})),
+    ):
+        p[name] = root / name
+        shutil.copytree(p["adapter"], p[name])
+        (p[name] / "adapter_config.json").write_text(text)
+    p["model_othervocab"] = root / "model_othervocab"  # another tokenizer (a larger vocabulary)
+    big = fx.tokenizer(400)
+    config = model.config.replace(vocab_size=len(big) + 16)
+    Qwen.from_config(config, seed=0).save_pretrained(str(p["model_othervocab"]), tokenizer=big)
+
+
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad") / "w0"
     p = fx.build(root)
+    _adapters_and_drafts(p, root)
     (root / "model_badcfg_tok").mkdir()
     (root / "model_badcfg_tok" / "tokenizer_config.json").write_text('{"added_tokens_decoder": [1, \n')
     for f in ("vocab.json", "merges.txt"):

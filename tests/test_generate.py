@@ -317,10 +317,18 @@ def test_cli_generate_bf16_int8_and_stream(tiny_dir, tok):
     assert "oneDNN-packed" in bf16.stderr or "bfloat16" in bf16.stderr
     model = Qwen.from_pretrained(str(tiny_dir), dtype=torch.bfloat16)
     assert "Hi" + generate(model, tok, "Hi", max_new_tokens=5).text in bf16.stdout
+    sampled = ["--temperature", "0.9", "--top-k", "40", "--seed", "7"]
     q = subprocess.run(
-        base + ["--prompt", "Hi", "--quantize", "int8"], capture_output=True, text=True, timeout=300
+        base + ["--prompt", "Hi", "--quantize", "int8", *sampled], capture_output=True, text=True, timeout=300
     )
     assert q.returncode == 0 and "int8 weights" in q.stderr, q.stderr
+    from qwen15.quantize import quantize_int8
+
+    int8 = quantize_int8(
+        Qwen.from_pretrained(str(tiny_dir))
+    )  # the library, as documented (CPU: fp32 activations)
+    want = generate(int8, tok, ["Hi"], max_new_tokens=5, temperature=0.9, top_k=40, seed=7)[0]
+    assert q.stdout == "Hi" + want.text + "\n"
     streamed = subprocess.run(
         base + ["--prompt", "Hi", "--stream"], capture_output=True, text=True, timeout=300
     )

@@ -43,6 +43,8 @@ class ChatSession:
     turns: list[dict[str, str]] = field(default_factory=list)  # user/assistant messages, oldest first
     dropped_turns: int = 0  # exchanges dropped from the front to fit the window, since the last clear
     last_completion: Completion | None = None
+    draft: Any = None  # a draft model for speculative decoding (qwen15.speculative), or None
+    draft_tokens: int = 4
     _generator: Generator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,26 +113,51 @@ class ChatSession:
     def ask(self, question: str) -> Iterator[str]:
         """Stream the reply to `question` (text deltas); the exchange joins the history when the reply is done."""
         ids = self.prompt_ids(question)
-        if self._generator is None or self._generator.model is not self.model:
-            self._generator = Generator(self.model, self.tokenizer, prefix_reuse=True)
-        it = self._generator.stream(
-            [ids],
-            max_new_tokens=self.reply_budget(len(ids)),
-            sampling=self.sampling,
-            stop_token_ids=self._stop_ids(),
-            seed=self.seed,
-        )
-        while True:
-            try:
-                _, delta = next(it)
-            except StopIteration as done:
-                completion = done.value[0]
-                break
-            yield delta
+        if self.draft is not None:
+            completion = yield from self._speculative(ids)
+        else:
+            if self._generator is None or self._generator.model is not self.model:
+                self._generator = Generator(self.model, self.tokenizer, prefix_reuse=True)
+            it = self._generator.stream(
+                [ids],
+                max_new_tokens=self.reply_budget(len(ids)),
+                sampling=self.sampling,
+                stop_token_ids=self._stop_ids(),
+                seed=self.seed,
+            )
+            while True:
+                try:
+                    _, delta = next(it)
+                except StopIteration as done:
+                    completion = done.value[0]
+                    break
+                yield delta
         self.last_completion = completion
         if self.history:
             self.turns.append({"role": "user", "content": question})
             self.turns.append({"role": "assistant", "content": completion.text})
+
+    def _speculative(self, ids: list[int]) -> Iterator[str]:
+        """The reply drafted by self.draft and checked by the model (same distribution); returns the completion."""
+        from qwen15.speculative import speculative_stream
+
+        s = self.sampling
+        stream = speculative_stream(
+            self.model,
+            self.draft,
+            self.tokenizer,
+            ids,
+            k=self.draft_tokens,
+            max_new_tokens=self.reply_budget(len(ids)),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            stop_token_ids=self._stop_ids(),
+            seed=self.seed,
+        )
+        yield from stream
+        return stream.completion
 
     def _stop_ids(self) -> list[int]:
         if self.stop_token_ids is not None:

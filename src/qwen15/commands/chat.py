@@ -15,6 +15,7 @@ import sys
 
 from qwen15.commands.options import (
     SAMPLING_HELP,
+    add_draft_arguments,
     add_model_arguments,
     add_sampling_arguments,
     bounded,
@@ -32,6 +33,7 @@ COMMANDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=512)
+    add_draft_arguments(parser)
     g = parser.add_argument_group("conversation")
     g.add_argument(
         "--system-prompt",
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = SAMPLING_HELP + " In chat, replies always stop at <|im_end|> and <|endoftext|> as well."
 
 
-def _session(args: argparse.Namespace, model, tokenizer):
+def _session(args: argparse.Namespace, model, tokenizer, draft=None):
     from qwen15.chat import ChatSession
     from qwen15.chat_template import DEFAULT_SYSTEM_PROMPT
     from qwen15.generation import chat_sampling_defaults
@@ -86,6 +88,8 @@ def _session(args: argparse.Namespace, model, tokenizer):
         context_window=args.context_window,
         seed=args.seed,
         stop_token_ids=args.stop_token_id,
+        draft=draft,
+        draft_tokens=args.draft_tokens,
     )
 
 
@@ -101,6 +105,9 @@ def _answer(session, question: str, out) -> None:
             f"[{session.dropped_turns - dropped} oldest exchange(s) dropped to fit the context window]",
             file=sys.stderr,
         )
+    done = session.last_completion
+    if session.draft is not None and done is not None:
+        print(f"[draft tokens accepted {done.accepted}/{done.proposed}]", file=sys.stderr)
 
 
 def _answer_all(session, questions: list[str], out) -> int:
@@ -147,17 +154,18 @@ def _slash_command(session, line: str) -> bool | None:
 
 def run(args: argparse.Namespace) -> int:
     from qwen15.chat import DEMO_QUESTIONS
-    from qwen15.commands.options import load_model
+    from qwen15.commands.options import load_draft, load_model
     from qwen15.errors import UserError
 
     sampling_overrides(args)  # contradictions are refused before the model loads
     model, tokenizer = load_model(args)
+    draft = load_draft(args, model, tokenizer)
     limit = model.config.max_position_embeddings
     if args.context_window is not None and args.context_window > limit:
         raise UserError(
             f"--context-window {args.context_window}: the model's context is {limit} tokens at most"
         )
-    session = _session(args, model, tokenizer)
+    session = _session(args, model, tokenizer, draft)
     if args.max_new_tokens > session.window:
         print(
             f"note: --max-new-tokens {args.max_new_tokens} is more than the context window ({session.window} "

@@ -10,8 +10,10 @@ import sys
 
 from qwen15.commands.options import (
     SAMPLING_HELP,
+    add_draft_arguments,
     add_model_arguments,
     add_sampling_arguments,
+    load_draft,
     load_model,
     sampling_overrides,
     utf8_text,
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_model_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=128)
+    add_draft_arguments(parser)
     parser.add_argument(
         "--stream", action="store_true", help="print text as it is generated (one prompt only)"
     )
@@ -47,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--prompt number {empty[0]} is empty; give some text to continue")
     if args.stream and len(args.prompt) != 1:
         raise UserError("--stream takes one --prompt")
+    if args.draft_model and len(args.prompt) != 1:
+        raise UserError("--draft-model takes one --prompt (speculative decoding runs one sequence at a time)")
     model, tokenizer = load_model(args)
+    draft = load_draft(args, model, tokenizer)
+    if draft is not None:
+        return _speculative(args, model, draft, tokenizer, sampling)
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         stop=args.stop,
@@ -75,4 +83,40 @@ def run(args: argparse.Namespace) -> int:
         print(prompt + out.text)
     total = sum(len(o.token_ids) for o in outs)
     print(f"[{total} new tokens in {dt:.2f}s, {total / dt:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _speculative(args: argparse.Namespace, model, draft, tokenizer, sampling: dict) -> int:
+    import time
+
+    from qwen15.speculative import speculative_stream
+
+    t = time.perf_counter()
+    stream = speculative_stream(
+        model,
+        draft,
+        tokenizer,
+        args.prompt[0],
+        k=args.draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        seed=args.seed,
+        **sampling,
+    )
+    if args.stream:
+        print(args.prompt[0], end="", flush=True)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+    else:
+        print(args.prompt[0] + "".join(stream))
+    dt = time.perf_counter() - t
+    c = stream.completion
+    print(
+        f"[{c.finish_reason}, {len(c.token_ids)} new tokens in {dt:.2f}s, {len(c.token_ids) / dt:.1f} tokens/s; "
+        f"draft tokens accepted {c.accepted}/{c.proposed} ({100 * c.acceptance_rate:.0f}%), "
+        f"{c.target_forwards} forward passes of the model]",
+        file=sys.stderr,
+    )
     return 0

@@ -149,6 +149,60 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: i
     )
 
 
+def add_draft_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument(
+        "--draft-model",
+        metavar="DIR",
+        help="a smaller Qwen1.5 model (same tokenizer) that proposes tokens for the model to check: the same "
+        "output distribution (greedy: the same tokens), fewer forward passes of the large model",
+    )
+    g.add_argument(
+        "--draft-tokens",
+        type=bounded(int, 1, 32),
+        default=4,
+        metavar="K",
+        help="tokens the draft proposes per check (default 4)",
+    )
+
+
+def load_draft(args: argparse.Namespace, model, tokenizer):
+    """The --draft-model, on the model's device and in its dtype, prepared as the model is; None without one.
+    Its tokenizer must be the model's (the draft's tokens are read as the model's)."""
+    if not getattr(args, "draft_model", None):
+        return None
+    from qwen15 import Qwen, Tokenizer
+    from qwen15.errors import UserError
+    from qwen15.prepare import prepare_for_inference
+
+    if tensor_parallel_world() > 1:
+        raise UserError(
+            "--draft-model does not combine with tensor parallel (torchrun); use one or the other"
+        )
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    draft = Qwen.from_pretrained(args.draft_model, dtype=weight.dtype, device=weight.device)
+    try:
+        theirs = Tokenizer.from_pretrained(args.draft_model)
+    except UserError:
+        theirs = None  # a folder of weights only: the model's tokenizer is taken as the draft's
+    probe = "Speculative decoding 推测解码 <|im_start|>user\n2 + 2 = 4<|im_end|>"
+    if theirs is not None and (
+        len(theirs) != len(tokenizer) or theirs.encode(probe) != tokenizer.encode(probe)
+    ):
+        raise UserError(
+            f"--draft-model {args.draft_model}: its tokenizer is not the model's ({len(theirs)} vs {len(tokenizer)} "
+            "tokens); a draft must share the model's tokenizer (any Qwen1.5 size drafts for any other)"
+        )
+    from qwen15.speculative import check_draft
+
+    try:
+        check_draft(model, draft, tokenizer, args.draft_tokens)
+    except UserError as e:
+        raise UserError(f"--draft-model {args.draft_model}: {e}") from None
+    prepare_for_inference(draft, args.quantize)
+    return draft
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict:
     """The sampling settings given on the command line (None: the checkpoint's default)."""
     from qwen15.errors import UserError
@@ -245,9 +299,8 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
         from qwen15.quantize import load_quantized, quantization_of
 
         adapter = getattr(args, "adapter", None)
-        stored = quantization_of(
-            args.model
-        )  # a folder of `qwen15 convert --quantize`: loaded as it is stored
+        # a folder of `qwen15 convert --quantize` is loaded as it is stored
+        stored = quantization_of(args.model)
         if stored is not None:
             if adapter:
                 raise UserError(
@@ -265,7 +318,11 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
             if adapter:
                 from qwen15.lora import load_adapter, read_adapter
 
-                read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
+                try:
+                    read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
+                except UserError as e:
+                    text = str(e).removeprefix(f"{adapter}: ")
+                    raise type(e)(f"--adapter {adapter}: {text}") from None
             if args.quantize != "none" and dtype is None:
                 dtype = torch.bfloat16  # quantized weights, bf16 activations unless --dtype says otherwise
             model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)

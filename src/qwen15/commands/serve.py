@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from qwen15.commands.options import SAMPLING_HELP, add_model_arguments
+from qwen15.commands.options import SAMPLING_HELP, add_model_arguments, bounded
 
 DEFAULT_MAX_MODEL_LEN = 4096
 _UNITS = {
@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
-    g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    g.add_argument(
+        "--port", type=bounded(int, 0, 65535), default=8000, help="port (default 8000; 0 picks a free one)"
+    )
     g.add_argument(
         "--api-key",
         default=os.environ.get("QWEN15_API_KEY"),

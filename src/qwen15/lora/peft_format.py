@@ -160,7 +160,7 @@ class AdapterFiles:
 
 def read_adapter(folder: str | os.PathLike) -> AdapterFiles:
     """Read and check an adapter folder's config and safetensors header (no weights are read yet)."""
-    folder = local_folder(folder, "adapter")
+    folder = local_folder(folder, "adapter", needs=f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise AdapterError(

@@ -7,11 +7,19 @@ Four parts, for the most loaded rank (the pipeline stage with the largest total)
   the final norm and output layer.
 - gradients: one per stored parameter element, in the parameter dtype (FSDP2 reduces into fp32 shards).
 - optimizer: AdamW's two moments per element in the parameter dtype, plus its step counter per tensor.
-- activations: what autograd keeps for backward, counted from the model's code (see `layer_activation_bytes`),
-  times the micro-batches a stage holds at once under the pipeline schedule.
-`transient` is what comes and goes within a step: FSDP2's unsharded compute-dtype copies of the blocks being
-run (and the root module's), one block's unsharded gradients, and the loss's fp32 working copies of the logits.
-Not counted: the CUDA context and allocator caching (budget 2-4 GiB per GPU), communication buffers.
+- activations: what is kept from the forward for the backward, counted from the model's code (see
+  `layer_activation_bytes`), times the micro-batches a stage holds at once under the pipeline schedule; with
+  activation checkpointing only the block inputs (a block recomputed in backward is transient).
+`transient` is what comes and goes within a step, at its largest: FSDP2's unsharded compute-dtype copies of the
+blocks being run (and the root module's) and one block's unsharded gradients, plus the larger of the loss's
+backward (two fp32 logits-sized gradients) and, with checkpointing, one block recomputed and its backward.
+Two ways of computing in bf16 over fp32 master weights: FSDP2's mixed precision (2+ processes, or TP/PP) casts
+the parameters, so activations are bf16; torch.autocast (one process) casts at each matrix product, so the
+residual stream and norms stay fp32, each projection keeps its own bf16 copy of its input, and the bf16 copies of
+the weights are kept for backward (`autocast=True`).
+Checked against a CPU trainer step (tests/test_parallel_memory.py): the live bytes after the forward and the peak
+of the step, within 5%. Not counted: the CUDA context and allocator caching (budget 2-4 GiB per GPU),
+communication buffers.
 A LoRA run (`estimate_lora_memory`) stores the frozen base in its own dtype (bf16, or int8 projections with a
 scale per row) with no gradients or optimizer state, and fp32 adapters with fp32 gradients and AdamW moments.
 """
@@ -100,6 +108,7 @@ def layer_activation_bytes(
     tp: int = 1,
     sequence_parallel: bool = True,
     activation_checkpointing: bool = False,
+    autocast: bool = False,
 ) -> int:
     """Bytes one transformer layer keeps for backward for `tokens` tokens (micro-batch x sequence).
 
@@ -109,19 +118,38 @@ def layer_activation_bytes(
     - attention (flash/SDPA) keeps rotated q and k, v and its output: (2 x heads + 2 x kv_heads) x head_dim x B / tp
       (rotary's multiplications keep only cos and sin; o_proj's input shares the output's storage);
     - the MLP keeps gate, silu(gate), up and their product: 4 x intermediate x B / tp.
-    With activation checkpointing a layer keeps only its input (h x B, split with sp).
+    Under autocast the residual stream and the norms are fp32 (h x 8 per norm) and each of q/k/v/gate/up keeps
+    its own bf16 cast of its input (5 x h x B). With activation checkpointing a layer keeps only its input (h x B,
+    fp32 under autocast; split with sp).
     """
     b = compute_bytes
     h = config.hidden_size
     seq_split = tp if sequence_parallel else 1
     if activation_checkpointing:
-        return tokens * h * b // seq_split
+        return tokens * h * (4 if autocast else b) // seq_split
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    norms = 2 * h * (4 + b) / seq_split
-    inputs = 2 * h * b
+    norms = 2 * h * (4 + (4 if autocast else b)) / seq_split
+    inputs = (5 if autocast else 2) * h * b
     attention = (2 * heads + 2 * kv) * hd * b / tp
     mlp = 4 * config.intermediate_size * b / tp
     return int(tokens * (norms + inputs + attention + mlp))
+
+
+def block_backward_bytes(
+    config: ModelConfig,
+    tokens: int,
+    compute_bytes: int,
+    tp: int = 1,
+    sp: bool = True,
+    activation_checkpointing: bool = False,
+    autocast: bool = False,
+) -> int:
+    """The most one block's backward adds to what is kept: the gradients its MLP's backward writes (gate, up and
+    their product: 3 x intermediate), and with activation checkpointing the block's whole recomputed activations."""
+    grads = 3 * tokens * config.intermediate_size * compute_bytes // tp
+    if not activation_checkpointing:
+        return grads
+    return grads + layer_activation_bytes(config, tokens, compute_bytes, tp, sp, False, autocast)
 
 
 def head_activation_bytes(
@@ -131,12 +159,15 @@ def head_activation_bytes(
     tp: int = 1,
     sequence_parallel: bool = True,
     vocab_parallel: bool = True,
+    autocast: bool = False,
 ) -> int:
-    """The last stage's final norm, output-layer input and the loss's fp32 softmax over its vocabulary slice."""
+    """The last stage's final norm (fp32 under autocast), output-layer input and the loss's fp32 log-softmax over
+    its vocabulary slice."""
     h = config.hidden_size
     seq_split = tp if sequence_parallel else 1
     vocab = config.vocab_size // (tp if vocab_parallel else 1)
-    return int(tokens * (h * (4 + compute_bytes) / seq_split + h * compute_bytes + vocab * 4))
+    norm = h * (4 + (4 if autocast else compute_bytes)) / seq_split
+    return int(tokens * (norm + h * compute_bytes + vocab * 4))
 
 
 def inflight_microbatches(layout: ParallelLayout, pp_rank: int) -> int:
@@ -168,6 +199,7 @@ def estimate_memory(
     world_size: int | None = None,
     pp_rank: int | None = None,
     loss_chunk_size: int = 0,
+    autocast: bool = False,
 ) -> MemoryEstimate:
     """Per-GPU memory of training `config` under `layout` (see the module docstring for what each part holds).
 
@@ -177,6 +209,8 @@ def estimate_memory(
     mixed precision); compute_dtype: dtype of activations and of the unsharded copies used in compute.
     loss_chunk_size: the training loss's chunking (qwen15.train.loss, pp 1): only one chunk's logits exist at a
     time, recomputed in backward, so the last stage keeps its hidden states instead of the fp32 softmax.
+    autocast: compute_dtype by torch.autocast over param_dtype parameters (the trainer on one process) instead of
+    FSDP2's mixed precision (see the module docstring).
     """
     from qwen15.parallel.pipeline import stage_indices, stage_ranges
 
@@ -191,9 +225,9 @@ def estimate_memory(
     tokens = micro_batch_size * seq_len
     ranges = stage_ranges(config, layout) if layout.pp > 1 else [range(config.num_hidden_layers)]
     last_stage = len(ranges) - 1
-    per_layer_act = layer_activation_bytes(config, tokens, cbytes, tp, sp, activation_checkpointing)
-    full_layer_act = layer_activation_bytes(config, tokens, cbytes, tp, sp, False)
-    rotary = 2 * tokens * config.head_dim * cbytes  # cos and sin, shared by the layers of a stage
+    per_layer_act = layer_activation_bytes(config, tokens, cbytes, tp, sp, activation_checkpointing, autocast)
+    # cos and sin, shared by the layers of a stage (fp32 under autocast: they take the embedding's dtype)
+    rotary = 2 * tokens * config.head_dim * (4 if autocast else cbytes)
 
     def tensor_numel(name: str, *, unsharded: bool = False) -> int:
         shape, tp_dim = shapes[name]
@@ -221,26 +255,37 @@ def estimate_memory(
         chunk_layers = max(len(ranges[s]) for s in stages)
         held = inflight_microbatches(layout, rank)
         acts = held * (chunk_layers * per_layer_act + rotary)
-        if activation_checkpointing:
-            acts += full_layer_act  # one block recomputed in backward
+        if autocast:  # the bf16 casts of the weights, kept for backward (also with checkpointing)
+            matrices = [n for n in names if n.endswith("proj.weight") or n == "lm_head.weight"]
+            if "embed_tokens.weight" in names and config.tie_word_embeddings and last_stage in stages:
+                matrices.append("embed_tokens.weight")  # the tied output layer's cast
+            acts += sum(tensor_numel(n, unsharded=True) for n in matrices) * cbytes
         holds_head = last_stage in stages
         head_tokens = min(tokens, loss_chunk_size) if loss_chunk_size else tokens
+        vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
+        head_acts = 0
         if holds_head:
-            acts += head_activation_bytes(config, tokens, cbytes, tp, sp, layout.vocab_parallel)
+            head_acts = head_activation_bytes(config, tokens, cbytes, tp, sp, layout.vocab_parallel, autocast)
             if loss_chunk_size:  # the softmax of one chunk only (the hidden states are already counted)
-                vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
-                acts -= (tokens - head_tokens) * vocab * 4
+                head_acts -= (tokens - head_tokens) * vocab * 4
+            acts += head_acts
 
-        transient = 0
-        if dp_shard > 1 or cbytes != pbytes:
-            # FSDP2: this block and the prefetched next one unsharded in compute dtype, one block's unsharded
-            # gradients before the reduce-scatter, and the root module (embedding / output) kept unsharded.
+        # The step's largest passing need, in one of two phases of the backward: the loss's (the incoming and
+        # outgoing fp32 gradients of its log-softmax, beside the saved one), or a block's, by when the head's saved
+        # tensors are gone (FSDP2 then also holds that block's unsharded gradients, in compute dtype and in fp32
+        # for the reduce-scatter). Throughout, FSDP2 holds this block and the prefetched next one unsharded in
+        # compute dtype, and the root module (embedding / output layer), which is not resharded after forward.
+        fsdp = layout.dp > 1 or (
+            cbytes != pbytes and (tp > 1 or layout.pp > 1)
+        )  # as train.parallelize applies it
+        loss_backward = head_tokens * vocab * 8 if holds_head else 0
+        block = block_backward_bytes(config, tokens, cbytes, tp, sp, activation_checkpointing, autocast)
+        block = max(0, block - head_acts) + (block_numel_unsharded * (cbytes + 4) if fsdp else 0)
+        transient = max(loss_backward, block)
+        if fsdp:
             root = [n for n in names if not n.startswith("layers.")]
-            transient += 2 * block_numel_unsharded * cbytes + block_numel_unsharded * cbytes
+            transient += 2 * block_numel_unsharded * cbytes
             transient += sum(tensor_numel(n, unsharded=True) for n in root) * cbytes
-        if holds_head:
-            vocab = config.vocab_size // (tp if layout.vocab_parallel else 1)
-            transient += head_tokens * vocab * (cbytes + 4)  # logits, and the loss's fp32 shifted copy
         results.append(MemoryEstimate(params, params, optim, acts, transient, rank))
     chosen = results[pp_rank] if pp_rank is not None else max(results, key=lambda r: r.total)
     chosen.per_pp_rank = [r.total for r in results]
@@ -437,6 +482,8 @@ def recipe_memory(
             activation_checkpointing=t.activation_checkpointing,
             loss_chunk_size=t.loss_chunk_size,
         )
+    # One process trains the plain module under autocast; FSDP2 (mixed precision) otherwise (train.parallelize).
+    single = layout.dp == 1 and layout.tp == 1 and layout.pp == 1
     return estimate_memory(
         model_config,
         layout,
@@ -446,4 +493,5 @@ def recipe_memory(
         compute_dtype="bfloat16",
         activation_checkpointing=t.activation_checkpointing,
         loss_chunk_size=t.loss_chunk_size,
+        autocast=single,
     )

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,8 +46,6 @@ from qwen15.parallel.process_group import DistEnv, barrier
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d{8})$")
-# Test hook: kill this process (SIGKILL) in the middle of writing the checkpoint of the given step.
-KILL_DURING_SAVE_ENV = "QWEN15_TEST_KILL_DURING_SAVE"
 
 
 class CheckpointNotFound(UserError):
@@ -222,7 +219,7 @@ class CheckpointManager:
     def remove_partial(self) -> None:
         """Leftovers of a run killed while saving (never read; removed at start by rank 0)."""
         if self.env.is_main and self.folder.is_dir():
-            for p in self.folder.glob(".step-*.partial"):
+            for p in [*self.folder.glob(".step-*.partial"), *self.folder.glob(".step-*.old")]:
                 shutil.rmtree(p, ignore_errors=True)
         barrier()
 
@@ -243,8 +240,6 @@ class CheckpointManager:
         barrier()
         state, _ = _state_dicts(model, optimizer, self.trainable_only)
         dcp.save(state, checkpoint_id=str(tmp / "state"))
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)  # weights written, the rest not: a crash mid-save
         _save_rng(tmp / "rng" / f"rank-{self.env.rank:05d}.safetensors")
         barrier()
         if self.env.is_main:
@@ -264,7 +259,7 @@ class CheckpointManager:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             for stale in complete_checkpoints(self.folder)[: -self.keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+                _remove_checkpoint(stale)
         barrier()
         return final
 
@@ -330,6 +325,14 @@ def _state_dicts(model, optimizer, trainable_only: bool = False) -> tuple[dict[s
         state["optim"].update(o)
         parts.append((module, opt, list(m), list(o)))
     return state, parts
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted one in sight: renamed out of the listing first."""
+    hidden = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def _save_rng(path: Path) -> None:
