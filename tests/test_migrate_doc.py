@@ -47,6 +47,7 @@ def test_migrate_doc_commands_run(tmp_path, monkeypatch):
     for f in ("vocab.json", "merges.txt"):
         shutil.copy(SHARED_TOKENIZER / f, tmp_path / f)
     shutil.copytree(FIX / "sharded", tmp_path / "output")
+    lora_stand_ins(tmp_path)
     for f in FIX.glob("*.mindrecord*"):
         shutil.copy(f, tmp_path / f.name)
     monkeypatch.chdir(tmp_path)
@@ -54,7 +55,38 @@ def test_migrate_doc_commands_run(tmp_path, monkeypatch):
     assert len(commands) >= 6
     for argv in commands:
         assert argv[0] == "qwen15"
-        assert main([*argv[1:], "--quiet"]) == 0, argv
+        quiet = ["--device", "cpu"] if argv[1] == "generate" else ["--quiet"]  # generate prints no progress
+        assert main([*argv[1:], *quiet]) == 0, argv
     assert (tmp_path / "Qwen1.5-7B-hf" / "model.safetensors").is_file()
     assert (tmp_path / "Qwen1.5-7B-hf" / "vocab.json").is_file()
     assert (tmp_path / "data" / "alpaca" / "meta.json").is_file()
+    assert (tmp_path / "Qwen1.5-7B-lora" / "adapter_model.safetensors").is_file()
+
+
+def lora_stand_ins(tmp_path: Path) -> None:
+    """A LoRA run's checkpoint (base weights + the LoRA fixture), its YAML and a tokenizer that fits: the base's
+    vocabulary padded to a small BPE tokenizer's, so that `generate --adapter` runs on it."""
+    import numpy as np
+
+    from qwen15.demo.bpe import train_bpe
+    from qwen15.mindspore.ckpt import CkptFile, CkptWriter
+
+    tok = train_bpe(["MindFormers LoRA weights in a PEFT adapter folder."] * 10, 260)
+    tok.save_pretrained(tmp_path / "qwen1_5_tokenizer")
+    with CkptWriter(tmp_path / "qwen1_5_7b_lora.ckpt") as w:
+        for f in ("sliced_fp32.ckpt", "lora_fp32.ckpt"):
+            src = CkptFile(FIX / f)
+            for t in src.tensors.values():
+                value = t.read()
+                if t.name in ("model.tok_embeddings.embedding_weight", "lm_head.weight"):
+                    value = np.concatenate(
+                        [value, np.zeros((len(tok) - len(value), value.shape[1]), value.dtype)]
+                    )
+                w.add(t.name, t.dtype, value.shape, [value])
+            src.close()
+    pet = "\n".join(
+        ["    pet_config:", "      pet_type: lora", "      lora_rank: 2", "      lora_alpha: 3",
+         "      target_modules: '.*wq|.*wk|.*wv|.*wo|.*w1|.*w2|.*w3'"]
+    )  # fmt: skip
+    yaml = YAML.replace(f"vocab_size: {GQA['vocab']}", f"vocab_size: {len(tok)}") + pet + "\n"
+    (tmp_path / "finetune_qwen1_5_7b_lora.yaml").write_text(yaml)

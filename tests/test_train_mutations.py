@@ -82,7 +82,7 @@ def test_the_trainer_builds_the_documented_optimizer(tmp_path):
     cfg = config(data, tmp_path / "run", optim__betas="[0.8,0.9]", optim__eps=1e-7, train__stop_at=1)
     trainer = Trainer(cfg, echo=lambda m: None)
     try:
-        opt = trainer.optimizer
+        (opt,) = trainer.optimizers  # one process: one model part, one optimizer
         assert type(opt) is torch.optim.AdamW and opt.defaults["fused"] is True
         assert (
             opt.defaults["foreach"] is None and not opt.defaults["amsgrad"] and not opt.defaults["maximize"]
@@ -110,9 +110,9 @@ def test_the_trainer_builds_the_documented_optimizer(tmp_path):
     resumed = Trainer(config(data, tmp_path / "run", optim__weight_decay=0.2), echo=lambda m: None)
     try:
         assert resumed.step == 1
-        decays = sorted({g["weight_decay"] for g in resumed.optimizer.param_groups})
+        decays = sorted({g["weight_decay"] for g in resumed.optimizers[0].param_groups})
         assert decays == [0.0, 0.2]  # this run's decay, still only on the matrices
-        for g in resumed.optimizer.param_groups:
+        for g in resumed.optimizers[0].param_groups:
             if g["weight_decay"]:
                 assert all(p.ndim == 2 for p in g["params"])
     finally:

@@ -1,7 +1,7 @@
 """`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder;
 `--to peft`: the adapters of a LoRA run -> PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-`--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints
-(docs/migrate.md).
+`--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints;
+`--from mindspore --to peft`: MindFormers LoRA weights -> PEFT adapter folder (docs/migrate.md);
 `--quantize int8|int4 SOURCE OUTDIR`: a Hugging Face folder (or a training checkpoint) -> a quantized folder that
 generate/chat load without quantizing again (format: qwen15.quantize.saved)."""
 
@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ms = parser.add_argument_group("MindSpore / MindFormers (docs/migrate.md)")
     ms.add_argument(
         "--config",
-        help="--from mindspore: model shapes, a MindFormers YAML (model.model_config) or a config.json",
+        help="--from mindspore: model shapes, a MindFormers YAML (model.model_config) or a config.json; "
+        "with --to peft the YAML of the LoRA run (its model_config.pet_config)",
     )
     ms.add_argument("--tokenizer", help="--from mindspore: tokenizer folder to copy into the output")
     ms.add_argument(
@@ -102,9 +103,14 @@ def _check_options(args: argparse.Namespace) -> None:
             where = " or ".join(f"--{d} mindspore" for d in allowed)
             raise UserError(f"--{name.replace('_', '-')} applies to {where} only")
     if args.source == "mindspore" and args.to == "peft":
-        raise UserError(
-            "--from mindspore --to peft: convert the base weights with --to hf (--skip-lora drops the adapters)"
-        )
+        for name, why in (
+            ("skip_lora", "drops the LoRA weights, which are all --to peft converts"),
+            ("tokenizer", "goes into a model folder; an adapter folder has none"),
+        ):
+            if getattr(args, name) not in (None, False):
+                raise UserError(f"--{name.replace('_', '-')} {why} (--from mindspore --to peft)")
+        if args.chat is not None:
+            raise UserError("--chat/--base do not apply to --to peft (an adapter has no generation config)")
     if args.quantize and (args.to != "hf" or args.source != "qwen15"):
         raise UserError("--quantize writes a qwen15 quantized folder; it does not combine with --to/--from")
     if args.group_size and args.quantize != "int4":
@@ -163,6 +169,8 @@ def _mindspore(args: argparse.Namespace) -> int:
                 "--from mindspore needs the model shapes: --config MINDFORMERS.yaml (the run's YAML) or "
                 "--config config.json (the Hugging Face config of the same model)"
             )
+        if args.to == "peft":
+            return _mindspore_lora(args)
         from qwen15.mindspore.mindformers_config import load_model_config
 
         config, _ = load_model_config(args.config)
@@ -185,6 +193,28 @@ def _mindspore(args: argparse.Namespace) -> int:
         )
     print(f"wrote {args.out_dir} ({s.bytes / 1e6:,.1f} MB in {s.seconds:.1f} s)")
     print("\n".join(s.lines()))
+    return 0
+
+
+def _mindspore_lora(args: argparse.Namespace) -> int:
+    from qwen15.mindspore.lora import mindspore_lora_to_peft
+
+    s, spec = mindspore_lora_to_peft(
+        args.checkpoint,
+        args.out_dir,
+        args.config,
+        dtype=args.dtype,
+        qkv_layout=args.qkv_layout,
+        strategy=args.strategy,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out_dir} (PEFT adapter, {s.bytes / 1e6:,.2f} MB in {s.seconds:.1f} s)")
+    print(
+        f"  {s.mapped} adapted projections ({s.fused} of them split from fused ones), dtype {s.dtype}; r {spec.r}, "
+        f"lora_alpha {spec.alpha:g} (scaling {spec.scaling:g}), target_modules {', '.join(spec.target_modules)}"
+    )
+    if s.lines()[1:]:
+        print("\n".join(s.lines()[1:]))
     return 0
 
 

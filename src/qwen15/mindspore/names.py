@@ -54,10 +54,10 @@ def split_layer(name: str) -> tuple[int, str] | None:
 
 def kind_of(name: str, shape: tuple[int, ...]) -> str:
     """'model', 'fused', 'lora', 'optimizer', 'scalar' (training counters and the like) or 'unknown'."""
+    if name.startswith(OPTIMIZER_PREFIXES):  # also the moments of LoRA tensors
+        return "optimizer"
     if LORA_MARK in name:
         return "lora"
-    if name.startswith(OPTIMIZER_PREFIXES):
-        return "optimizer"
     if name in GLOBAL:
         return "model"
     layer = split_layer(name)

@@ -80,8 +80,8 @@ def plan_from_mindformers(
         if not skip_lora:
             raise MigrationError(
                 f"{where}: holds {len(by_kind['lora'])} MindFormers LoRA tensors (e.g. {by_kind['lora'][0]}); "
-                "converting them to a PEFT adapter is not supported yet. Pass --skip-lora to convert the base "
-                "weights alone"
+                "pass --skip-lora to convert the base weights alone, and convert the LoRA weights to a PEFT "
+                "adapter with --to peft --config THE_LORA_RUN.yaml (docs/migrate.md)"
             )
         summary.skipped["LoRA tensors (--skip-lora)"] = by_kind["lora"]
     if by_kind.get("optimizer"):
