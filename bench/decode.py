@@ -1,35 +1,52 @@
-"""Decode speed: qwen15's generate against transformers' generate, same random weights, same process.
+"""Decode speed: qwen15's generate against transformers' generate (and llama.cpp), same random weights, one run.
 
     python bench/decode.py                                  # qwen1.5-0.5b shape, batch 1 and 8, fp32 and bf16
     python bench/decode.py --preset qwen1.5-7b --device cuda --dtype bf16 --batch 1
-    python bench/decode.py --int8                           # adds our int8 weight-only rows
+    python bench/decode.py --dtype bf16 --int8 --int4 --llamacpp --prefill 512   # the CPU comparison of RESULTS.md
+    python bench/decode.py --readme-path                    # adds the README's Python path beside the CLI's
     python bench/decode.py --hf-static                      # adds transformers' static cache + compile baseline
 
-Two baselines: transformers' default `generate` (eager, dynamic cache), and with `--hf-static` its fastest
-documented path: `generate(cache_implementation="static", compile_config=CompileConfig())`, which keeps the prefill
-eager and compiles the decode step (mode reduce-overhead: CUDA graphs on a GPU; on CPU `_compile_all_devices` makes
-it compile too). Each ratio is printed against both; when the static path fails, the row says why (exception
-type and message) instead of a figure.
-
 Both models share one set of weight tensors (transformers' Qwen2ForCausalLM holds them; ours points at the same
-storage), so the comparison costs one model's memory. Each configuration runs the two engines alternately,
-`--repeat` times, and keeps the best times of each (on a shared machine the fastest run is the one least
-disturbed by other work; both engines get the same number of tries). Decode tokens/s = batch * (new_tokens - 1)
-/ (best time of a full generate - best time of a one-token generate), i.e. prefill excluded for both. "same greedy
-tokens": the share of positions where our greedy tokens equal transformers' (100% expected in fp32; bf16
-kernels may round differently, and one different token changes the rest of the row). Roofline: the weight bytes
-one decode step must read (every matrix once, the embedding row lookup aside) over the memory bandwidth
-measured here, in this run, by a large tensor copy (bytes read plus written over time, as ANCHORS.md quotes
-it). On CPU our bf16 rows prepack the weights for oneDNN (`--no-pack` to compare without).
+storage, then is prepared as the CLI prepares it: fused projections, then int8/int4 or oneDNN prepacking on CPU).
+Each configuration runs the engines alternately, `--repeat` rounds, and reports the median of the rounds. Decode
+tokens/s = batch * (new_tokens - 1) / (time of a full generate - time of a one-token generate), i.e. prefill
+excluded for both. "same greedy tokens": the share of positions where our greedy tokens equal transformers' (100%
+expected in fp32; bf16 kernels may round differently, and one different token changes the rest of the row).
+
+--llamacpp adds llama.cpp (bench/llamacpp.py: built once from the sources vendored in PyPI's llama-cpp-python, into
+a cache folder): the same random weights saved as a Hugging Face folder, converted to GGUF BF16 / Q8_0 by its
+convert_hf_to_gguf.py and to Q4_0 by its llama-quantize, timed by llama-bench with the same threads (`-n NEW` for
+decode, `-p PREFILL` for prefill), one llama-bench call per round between ours and transformers'. Its decode starts
+from an empty context, ours after the prompt: at these lengths attention is a few percent of a step.
+
+--readme-path adds the path the README shows: the same weights saved to a folder, `Qwen.from_pretrained(folder,
+dtype=...)` + `prepare_for_inference(model, quantize)` + `qwen15.generate(model, None, ids, ...)`, timed in the same
+rounds; it should be within noise of the qwen15 column (which runs the CLI's engine on the CLI's preparation).
+
+--hf-static adds transformers' fastest documented path: `generate(cache_implementation="static",
+compile_config=CompileConfig())`, which keeps the prefill eager and compiles the decode step (mode reduce-overhead:
+CUDA graphs on a GPU; on CPU `_compile_all_devices` makes it compile too). When it fails, the row says why
+(exception type and message) instead of a figure.
+
+Roofline: the weight bytes one decode step must read (every matrix once, the embedding row lookup aside; for
+llama.cpp the GGUF file, whose tied token table is its output matrix) over the memory bandwidth measured here, in
+this run, by a large tensor copy (bytes read plus written over time, as ANCHORS.md quotes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+LLAMA_TYPE = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+LLAMA_LABEL = {"bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 
 
 def hf_config_dict(cfg) -> dict:
@@ -71,56 +88,35 @@ def ours_sharing(hf, cfg):
     return ours.eval()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def prepare(ours, weights: str, pack: bool):
+    """As the CLI prepares a model (qwen15.prepare_for_inference: fused projections, then int8/int4, or oneDNN
+    prepacking of bf16/fp32 on CPU); --no-pack: fused only."""
+    from qwen15.fuse import fuse_projections
+    from qwen15.prepare import prepare_for_inference
+
+    if weights in ("int8", "int4") or pack:
+        return prepare_for_inference(ours, weights if weights in ("int8", "int4") else None)
+    return fuse_projections(ours)
 
 
-def memory_bandwidth(device) -> float:
-    """Bytes/s moved by a large tensor copy, reads plus writes (as ANCHORS.md quotes it)."""
-    n = 256 * 2**20 if device.type == "cpu" else 2 * 2**30
-    a = torch.empty(n, dtype=torch.uint8, device=device)
-    a.fill_(1)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    del a, b
-    return 2 * n / best
+def readme_path(ours_unprepared, weights: str, dtype, device, folder: Path):
+    """The README's Python path on the same weights: save, Qwen.from_pretrained, prepare_for_inference, and
+    qwen15.generate as run(prompt, k)."""
+    from qwen15 import Qwen, generate, prepare_for_inference
 
+    path = folder / str(dtype).removeprefix(
+        "torch."
+    )  # bf16, int8 and int4 rows start from the same bf16 folder
+    if not path.exists():
+        ours_unprepared.save_pretrained(str(path))
+    model = Qwen.from_pretrained(str(path), dtype=dtype, device=device)
+    prepare_for_inference(model, weights if weights in ("int8", "int4") else None)
 
-def weight_bytes_per_step(model) -> int:
-    """Bytes of weights one decode step reads: the blocks, the final norm and the output layer, each tensor once
-    (the embedding table is read one row per token, unless it is the output layer too)."""
-    seen, total = set(), 0
-    for module in (model.layers, model.norm, model.lm_head):
-        for t in list(module.parameters()) + list(module.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total
+    def run(prompt, k):
+        outs = generate(model, None, prompt.tolist(), max_new_tokens=k, temperature=0, stop_token_ids=[])
+        return [o.token_ids for o in outs]
 
-
-def generate_times(run, n: int, device) -> tuple[float, float]:
-    """Seconds of a generate of n tokens and of a single token (the prefill and first pick)."""
-    times = []
-    for k in (n, 1):
-        sync(device)
-        t = time.perf_counter()
-        run(k)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times[0], times[1]
-
-
-def decode_seconds(samples: list[tuple[float, float]]) -> float:
-    """Time of n - 1 decode steps: the best full generate minus the best one-token generate (taking each best
-    separately keeps one disturbed short run from making the difference meaningless)."""
-    return min(f for f, _ in samples) - min(p for _, p in samples)
+    return run
 
 
 def hf_static_generate(hf, device):
@@ -154,20 +150,123 @@ def failure(e: BaseException) -> str:
     return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory_bandwidth(device) -> float:
+    """Bytes/s moved by a large tensor copy, reads plus writes (as ANCHORS.md quotes it)."""
+    n = 256 * 2**20 if device.type == "cpu" else 2 * 2**30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    a.fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * n / best
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: the blocks, the final norm and the output layer, each tensor once
+    (the embedding table is read one row per token, unless it is the output layer too)."""
+    seen, total = set(), 0
+    for module in (model.layers, model.norm, model.lm_head):
+        for t in list(module.parameters()) + list(module.buffers()):
+            key = id(t) if t.is_mkldnn else (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def timed(run, k: int, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    run(k)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def median_rate(samples: list[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+class LlamaCpp:
+    """llama.cpp on the bench's own random weights: GGUF files made once per preset in the cache folder."""
+
+    def __init__(self, cfg, preset: str, tokenizer_dir: Path, threads: int):
+        import transformers
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import llamacpp
+
+        self.mod = llamacpp
+        self.threads = threads
+        llamacpp.build()
+        self.work = llamacpp.cache_dir() / "models" / f"{preset}-seed0-transformers{transformers.__version__}"
+        hf_dir = self.work / "hf"
+        if not (hf_dir / "config.json").exists():
+            if not (tokenizer_dir / "vocab.json").is_file():
+                raise SystemExit(
+                    f"--llamacpp: no tokenizer in {tokenizer_dir} (convert_hf_to_gguf needs one); --tokenizer DIR"
+                )
+            self.work.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.work))
+            hf_model(cfg, torch.bfloat16, "cpu").save_pretrained(
+                tmp
+            )  # the weights of the bf16/int8/int4 rows
+            for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+                if (tokenizer_dir / name).is_file():
+                    (tmp / name).write_bytes((tokenizer_dir / name).read_bytes())
+            os.replace(tmp, hf_dir)
+        self.hf_dir = hf_dir
+
+    def gguf(self, kind: str) -> Path:
+        return self.mod.convert(self.hf_dir, kind, self.work)
+
+    def rates(self, kind: str, prompt_len: int, new_tokens: int) -> dict:
+        return self.mod.bench(self.gguf(kind), self.threads, prompt_len, new_tokens, 1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen1.5-0.5b")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtype", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="rounds per configuration (median reported)")
+    p.add_argument("--int8", action="store_true", help="add our int8 weight-only rows (bf16 activations)")
+    p.add_argument("--int4", action="store_true", help="add our int4 weight-only rows (bf16 activations)")
     p.add_argument(
-        "--int8", action="store_true", help="add our int8 weight-only rows (against the same reference)"
+        "--llamacpp",
+        action="store_true",
+        help="add llama.cpp (BF16, Q8_0, Q4_0) at batch 1 (bench/llamacpp.py)",
+    )
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time a prompt of N tokens, batch 1 (0: skip)",
+    )
+    p.add_argument(
+        "--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared/tokenizer/qwen1.5")
     )
     p.add_argument(
         "--no-reference", action="store_true", help="skip transformers (e.g. 7B compiled on GPU only)"
+    )
+    p.add_argument(
+        "--readme-path",
+        action="store_true",
+        help="also time the README's Python path (from_pretrained + prepare_for_inference + generate)",
     )
     p.add_argument(
         "--hf-static",
@@ -182,6 +281,7 @@ def main(argv=None) -> int:
 
     from qwen15.generation import Generator
     from qwen15.model_config import get_preset
+    from qwen15.quantize import describe
     from qwen15.sampling import SamplingParams
 
     if args.threads:
@@ -194,44 +294,48 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(
         f"# decode bench: {args.preset}, {machine}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, best of "
-        f"{args.repeat}; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s",
+        f"{transformers.__version__}; prompt {args.prompt_len}, {args.new_tokens} new tokens, median of "
+        f"{args.repeat} rounds; memory bandwidth (copy, read + write) {bw / 1e9:.1f} GB/s{load}",
         flush=True,
     )
-    static_cols = " transformers static+compile tok/s | ratio vs static+compile | same tokens as static |"
-    print(
-        "| weights | batch | transformers eager tok/s | qwen15 tok/s | ratio vs eager | qwen15 share of roofline "
-        "| same greedy tokens |" + (static_cols if args.hf_static else "")
-    )
-    print("| --- " * (10 if args.hf_static else 7) + "|", flush=True)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    rows = [(d, b, False) for d in args.dtype for b in args.batch]
-    if args.int8:
-        rows += [("bf16", b, True) for b in args.batch]
+    rows = [(d, b) for d in args.dtype for b in args.batch]
+    rows += [(w, b) for w, on in (("int8", args.int8), ("int4", args.int4)) if on for b in args.batch]
+    llama = None
+    header = "| weights | batch | transformers tok/s | qwen15 tok/s | vs transformers |"
+    if args.readme_path:
+        header += " qwen15 README path tok/s | README path vs CLI path |"
+    if args.hf_static:
+        header += " transformers static+compile tok/s | vs static+compile | same tokens as static |"
+    if args.llamacpp:
+        header += " llama.cpp tok/s | vs llama.cpp | llama.cpp share of roofline |"
+    header += " qwen15 share of roofline | same greedy tokens | qwen15 format |"
+    lines = [header, "|" + " --- |" * header.count(" |")]
+    print(*lines, sep="\n", flush=True)
+    prefill_lines = []
     current, hf, ours = None, None, None
-    for dname, batch, int8 in rows:
-        dtype = dtypes[dname]
-        if current != (dname, int8):
-            hf = ours = None
+    greedy = SamplingParams()
+    saved = Path(tempfile.mkdtemp(prefix="qwen15-decode-bench.")) if args.readme_path else None
+    readme = None
+    for weights, batch in rows:
+        dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+        if current != weights:
+            hf = ours = readme = None
             hf = hf_model(cfg, dtype, device)
-            if args.no_pack and not int8:
-                from qwen15.fuse import fuse_projections
-
-                ours = fuse_projections(ours_sharing(hf, cfg))
-            else:
-                from qwen15.prepare import prepare_for_inference
-
-                ours = prepare_for_inference(ours_sharing(hf, cfg), "int8" if int8 else None)  # as the CLI
-            current = (dname, int8)
+            if args.llamacpp and llama is None:
+                llama = LlamaCpp(cfg, args.preset, Path(args.tokenizer), torch.get_num_threads())
+            if saved is not None:
+                readme = readme_path(ours_sharing(hf, cfg), weights, dtype, device, saved)
+            ours = prepare(ours_sharing(hf, cfg), weights, not args.no_pack)
+            current = weights
         gen = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, 151000, (batch, args.prompt_len), generator=gen)
         engine = Generator(ours, None)
-        greedy = SamplingParams()
         n = args.new_tokens
 
-        def run_ours(k, engine=engine, prompt=prompt, greedy=greedy):
+        def run_ours(k, engine=engine, prompt=prompt):
             outs = engine.generate(prompt.tolist(), max_new_tokens=k, sampling=greedy, stop_token_ids=[])
             return [o.token_ids for o in outs]
 
@@ -255,6 +359,10 @@ def main(argv=None) -> int:
             ref_tokens = run_hf(n)
             agree = sum(a == b for r, o in zip(ref_tokens, ours_tokens) for a, b in zip(r, o))
             same = f"{agree / (batch * n):.0%}"
+        run_readme = None
+        if readme is not None:
+            run_readme = lambda k, prompt=prompt, readme=readme: readme(prompt, k)  # noqa: E731
+            run_readme(n)  # warm-up
         run_static, static_error, static_same = None, None, "-"
         if args.hf_static:
             try:
@@ -266,35 +374,93 @@ def main(argv=None) -> int:
                 run_static = lambda k, static=static, prompt=prompt: static(prompt, k)  # noqa: E731
             except Exception as e:  # recorded in the row: why transformers' best path did not run here
                 static_error = failure(e)
-                print(f"transformers static+compile {dname} batch {batch}: {static_error}", file=sys.stderr)
-        ours_t, hf_t, static_t = [], [], []
+                print(f"transformers static+compile {weights} batch {batch}: {static_error}", file=sys.stderr)
+        kind = LLAMA_TYPE.get(weights) if llama is not None and batch == 1 else None
+        tokens = batch * (n - 1)
+        ours_r, hf_r, ll_r, readme_r, static_r = [], [], [], [], []
         for _ in range(args.repeat):
-            ours_t.append(generate_times(run_ours, n, device))
+            ours_r.append(tokens / (timed(run_ours, n, device) - timed(run_ours, 1, device)))
+            if run_readme is not None:
+                readme_r.append(tokens / (timed(run_readme, n, device) - timed(run_readme, 1, device)))
             if not args.no_reference:
-                hf_t.append(generate_times(run_hf, n, device))
+                hf_r.append(tokens / (timed(run_hf, n, device) - timed(run_hf, 1, device)))
             if run_static is not None:
                 try:
-                    static_t.append(generate_times(run_static, n, device))
+                    static_r.append(tokens / (timed(run_static, n, device) - timed(run_static, 1, device)))
                 except Exception as e:
                     static_error, run_static = failure(e), None
-        tokens = batch * (n - 1)
-        ours_rate = tokens / decode_seconds(ours_t)
-        hf_rate = tokens / decode_seconds(hf_t) if hf_t else float("nan")
+            if kind:
+                ll_r.append(llama.rates(kind, 0, n)["decode"])
+        ours_rate, hf_rate = median_rate(ours_r), median_rate(hf_r)
         roofline = bw / weight_bytes_per_step(ours) * batch
-        label = "int8 weights, bf16 act." if int8 else dname
-        vs = " (vs transformers bf16)" if int8 else ""
-        row = (
-            f"| {label} | {batch} | {hf_rate:.1f} | {ours_rate:.1f} | {ours_rate / hf_rate:.2f}x{vs} | "
-            f"{ours_rate / roofline:.0%} of {roofline:.0f} | {same} |"
-        )
+        label = f"{weights} weights, bf16 act." if weights in ("int8", "int4") else weights
+        vs = " (vs transformers bf16)" if weights in ("int8", "int4") else ""
+        cells = [label, str(batch), f"{hf_rate:.1f}", f"{ours_rate:.1f}", f"{ours_rate / hf_rate:.2f}x{vs}"]
+        if args.readme_path:
+            readme_rate = median_rate(readme_r)
+            cells += [f"{readme_rate:.1f}", f"{readme_rate / ours_rate:.2f}x"]
         if args.hf_static:
-            if static_error is not None or not static_t:
-                row += f" {static_error or 'failed'} | - | - |"
+            if static_error is not None or not static_r:
+                cells += [static_error or "failed", "-", "-"]
             else:
-                static_rate = tokens / decode_seconds(static_t)
-                row += f" {static_rate:.1f} | {ours_rate / static_rate:.2f}x{vs} | {static_same} |"
-        print(row, flush=True)
+                static_rate = median_rate(static_r)
+                cells += [f"{static_rate:.1f}", f"{ours_rate / static_rate:.2f}x{vs}", static_same]
+        if args.llamacpp:
+            if kind:
+                ll_rate = median_rate(ll_r)
+                ll_roof = bw / llama.gguf(kind).stat().st_size
+                cells += [
+                    f"{ll_rate:.1f} ({LLAMA_LABEL[kind]})",
+                    f"{ours_rate / ll_rate:.2f}x",
+                    f"{ll_rate / ll_roof:.0%} of {ll_roof:.0f}",
+                ]
+            else:
+                cells += ["-", "-", "-"]
+        cells += [f"{ours_rate / roofline:.0%} of {roofline:.0f}", same, describe(ours)]
+        print("| " + " | ".join(cells) + " |", flush=True)
+        if args.prefill and batch == min(args.batch):
+            prefill_lines.append(prefill_row(args, weights, ours, hf, llama, device))
+    if prefill_lines:
+        print(f"\nprefill, {args.prefill} tokens, batch 1 (tok/s, median of {args.repeat} rounds):")
+        head = "| weights | transformers | qwen15 | vs transformers |"
+        head += " llama.cpp | vs llama.cpp |" if args.llamacpp else ""
+        print(head, "|" + " --- |" * head.count(" |"), *prefill_lines, sep="\n", flush=True)
+    if saved is not None:
+        import shutil
+
+        shutil.rmtree(saved, ignore_errors=True)
     return 0
+
+
+def prefill_row(args, weights, ours, hf, llama, device) -> str:
+    from qwen15.generation import Generator
+    from qwen15.sampling import SamplingParams
+
+    prompt = torch.randint(0, 151000, (1, args.prefill), generator=torch.Generator().manual_seed(7))
+    engine = Generator(ours, None)
+
+    def run_ours(k):
+        engine.generate(prompt.tolist(), max_new_tokens=k, sampling=SamplingParams(), stop_token_ids=[])
+
+    def run_hf(k):
+        with torch.inference_mode():
+            hf(input_ids=prompt.to(device), logits_to_keep=1)
+
+    kind = LLAMA_TYPE.get(weights) if llama is not None else None
+    run_ours(1)
+    ours_r, hf_r, ll_r = [], [], []
+    for _ in range(args.repeat):
+        ours_r.append(args.prefill / timed(run_ours, 1, device))
+        if not args.no_reference:
+            hf_r.append(args.prefill / timed(run_hf, 1, device))
+        if kind:
+            ll_r.append(llama.rates(kind, args.prefill, 0)["prefill"])
+    o, h = median_rate(ours_r), median_rate(hf_r)
+    cells = [weights, f"{h:.0f}", f"{o:.0f}", f"{o / h:.2f}x"]
+    if args.llamacpp:
+        ll = median_rate(ll_r) if kind else float("nan")
+        cells += [f"{ll:.0f}", f"{o / ll:.2f}x"] if kind else ["-", "-"]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

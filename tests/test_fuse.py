@@ -8,6 +8,7 @@ import torch
 from qwen15 import Qwen, generate
 from qwen15.fuse import FusedAttention, FusedMLP, fuse_projections
 from qwen15.hf_folder import CheckpointError
+from qwen15.model import Attention
 from qwen15.model_config import get_preset
 
 
@@ -27,6 +28,24 @@ def test_fused_model_gives_the_same_logits_and_tokens(name):
     x = generate(plain, None, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
     y = generate(fused, None, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[])
     assert [r.token_ids for r in x] == [r.token_ids for r in y]
+
+
+@pytest.mark.parametrize("name", ["tiny-mha", "tiny-gqa"])
+def test_fused_attention_rotates_q_and_k_as_the_plain_one(name):
+    """Rotating q and k heads in one call gives exactly what the plain attention's path (separate q, k, v views,
+    two rotary calls) gives on the same fused projection."""
+    from qwen15.model import rotary_cos_sin
+
+    cfg = get_preset(name).replace(vocab_size=1000)
+    fused = FusedAttention(Qwen.from_config(cfg, seed=0).layers["0"].self_attn)
+    x = torch.randn(2, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    cos, sin = rotary_cos_sin(torch.arange(3, 8)[None].expand(2, 5), cfg.head_dim, cfg.rope_theta, x.dtype)
+    with torch.no_grad():
+        expected = Attention.rotated_heads(fused, x, cos, sin)  # through FusedAttention.project
+        got = fused.rotated_heads(x, cos, sin)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape and torch.equal(e, g)
+    assert got[1].shape[1] == cfg.num_key_value_heads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

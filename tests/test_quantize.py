@@ -1,6 +1,8 @@
-"""int8 weight-only quantization: the products, greedy agreement with fp32, and memory against bf16."""
+"""Weight-only int8 and int4: the products and kernels, greedy agreement, memory, and quantized folders on disk."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ from qwen15 import Qwen
 from qwen15.generation import generate
 from qwen15.model_config import get_preset
 from qwen15.quantize import Int8Linear, quantize_int8, quantize_rows, weight_nbytes
+
+from conftest import SHARED_TOKENIZER
 
 
 def test_rows_round_trip_within_half_a_step():
@@ -85,7 +89,8 @@ def dequantized(model: Qwen) -> Qwen:
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha", "tiny-gqa"])
 def test_int8_model_is_the_model_of_its_dequantized_weights(name):
     """With fp32 activations the int8 model computes the dequantized model's logits to fp32 rounding (bound 1e-5
-    x the logits' scale; measured <= 1.1e-6 at scale ~1.5) and generates its greedy tokens."""
+    x the logits' scale; measured <= 1.1e-6 at scale ~1.5; 48 rows: the dense path) and generates its greedy
+    tokens."""
     cfg = get_preset(name).replace(vocab_size=1000)
     q = quantize_int8(Qwen.from_config(cfg, seed=0))
     ref = dequantized(Qwen.from_config(cfg, seed=0))
@@ -94,6 +99,11 @@ def test_int8_model_is_the_model_of_its_dequantized_weights(name):
         got, want = q(ids), ref(ids)
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
     assert (got - Qwen.from_config(cfg, seed=0)(ids)).abs().max().item() > 1e-3  # int8 is really applied
+    # decode steps (a few rows) on the AVX-512 kernels also quantize the activations (checked against their own
+    # reference in test_kernel_products_equal_the_dequantized_product); the weight-only semantics are torch's path
+    for m in q.modules():
+        if isinstance(m, Int8Linear):
+            m.kernel = False
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]
     a = generate(q, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
     b = generate(ref, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
@@ -163,3 +173,339 @@ def test_pack_leaves_gpu_and_int8_models_alone():
 
     model = quantize_int8(Qwen.from_config(get_preset("tiny").replace(vocab_size=1000), seed=0))
     assert not any(type(m).__name__ == "PackedLinear" for m in pack_for_cpu(model).modules())
+
+
+# ---------------------------------------------------------------------------------------------- int4, kernels
+
+
+def _kernels_or_skip():
+    from qwen15.quantize import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"AVX-512 kernels unavailable: {kernels.unavailable_reason()}")
+    return kernels
+
+
+@pytest.mark.parametrize("k", [1024, 352, 96])
+def test_int4_pack_round_trip_and_error_within_half_a_step(k):
+    from qwen15.quantize.int4 import dequantize_rows, group_for, pack, quantize_groups, unpack
+
+    w = torch.randn(40, k, generator=torch.Generator().manual_seed(0))
+    g = group_for(k, 64)
+    assert g == (64 if k % 64 == 0 else 32)
+    q, s, m = quantize_groups(w, g)
+    assert q.max() <= 15 and s.dtype == torch.bfloat16 and s.shape == (40, k // g)
+    packed = pack(q)
+    assert packed.shape == (40, k // 2) and torch.equal(unpack(packed), q)
+    deq = dequantize_rows(packed, s, m, torch.float32)
+    step = s.float().repeat_interleave(g, dim=1)
+    # rounding to the stored (bf16) scale and min: at most half a step, plus what the clamp at the top of the
+    # range loses when the bf16 scale rounded down (under 1% of a step over 15 steps)
+    assert ((deq - w).abs() <= step * 0.5 + step * 15 * 2**-8 + 1e-6).all()
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply: each row in blocks of 64 columns as int8 * (max |x| / 127), computed with the
+    same fp32 operations (x * (127 / max), rounded to nearest even), then dequantized."""
+    blocks = x.float().unflatten(-1, (-1, 64))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).flatten(-2)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
+@pytest.mark.parametrize("shape", [(100, 384), (37, 1024)])
+def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape, group):
+    """The decode kernels compute exactly dequant(w) @ quantized activations (up to fp32 summation order); the
+    prefill path computes dequant(w) @ x with one dense product."""
+    from qwen15.quantize import Int4Linear
+    from qwen15.quantize.int8 import PREFILL_ROWS
+
+    _kernels_or_skip()
+    n, k = shape
+    g = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(k, n, bias=True).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(n, generator=g))
+    q = Int8Linear.from_linear(lin) if bits == 8 else Int4Linear.from_linear(lin, group)
+    assert q.kernel and getattr(q, "group_size", None) == group
+    x = torch.randn(2, rows, k, generator=g).to(dtype)
+    dense = 2 * rows >= PREFILL_ROWS
+    w = q.dequantize(dtype if dense else torch.float32).double()
+    ref = (x.double() if dense else quantized_activations(x).double()) @ w.T + lin.bias.double()
+    out = q(x)
+    assert out.dtype == dtype and out.shape == (2, rows, n)
+    # fp32: summation order only; bf16: the output's rounding
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_fallback_equals_the_kernel(bits):
+    from qwen15.quantize import Int4Linear
+
+    _kernels_or_skip()
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    q = Int8Linear.from_linear(lin) if bits == 8 else Int4Linear.from_linear(lin)
+    x = torch.randn(1, 3, 256, generator=g).to(torch.bfloat16)
+    fast = q(x)
+    q.kernel = False
+    slow = q(x)  # weight-only: the activations are not quantized, so the two differ by that rounding
+    assert (fast.float() - slow.float()).abs().max().item() <= 0.03 * slow.float().abs().max().item()
+
+
+def test_kernels_share_torchs_openmp_runtime():
+    """The kernel library needs libgomp.so.1, which must resolve to the runtime torch loaded (one thread pool)."""
+    import subprocess
+    import sys
+
+    _kernels_or_skip()
+    # in a fresh process: other test modules import libraries that bring their own OpenMP (sentencepiece)
+    code = (
+        "import torch; from qwen15.quantize import kernels; assert kernels.library() is not None;"
+        "maps = open('/proc/self/maps').read().splitlines();"
+        "import json; print(json.dumps(sorted({l.split()[-1] for l in maps if 'libgomp' in l or 'libiomp' in l})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    runtimes = json.loads(out.stdout)
+    assert len(runtimes) == 1, runtimes
+
+
+def test_without_kernels_the_model_still_runs_and_says_why(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from qwen15 import Qwen; from qwen15.model_config import get_preset;"
+        "from qwen15.quantize import quantize, describe;"
+        "m = quantize(Qwen.from_config(get_preset('tiny').replace(vocab_size=1000), seed=0, dtype=torch.bfloat16),"
+        " 'int4'); print(describe(m)); print(bool(torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()))"
+    )
+    env = {**__import__("os").environ, "QWEN15_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "disabled by QWEN15_CPU_KERNELS=0" in out.stdout and "torch dequantize" in out.stdout
+    assert out.stdout.strip().endswith("True")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
+def test_int4_weights_take_under_a_third_of_bf16(name):
+    from qwen15.quantize import quantize_int4
+
+    cfg = get_preset(name)
+    bf16 = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    before = weight_nbytes(bf16)
+    q = quantize_int4(bf16)
+    ratio = weight_nbytes(q) / before
+    print(f"{name}: int4 weights {ratio:.3f} of bf16")
+    assert ratio < 0.33
+    if cfg.tie_word_embeddings:
+        assert q.lm_head.qweight.data_ptr() == q.embed_tokens.qweight.data_ptr()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_then_fuse_equals_unfused(method):
+    from qwen15.fuse import FusedAttention, fuse_projections
+    from qwen15.quantize import quantize
+
+    cfg = get_preset("tiny-gqa").replace(vocab_size=1000)
+    a = quantize(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16), method)
+    b = fuse_projections(quantize(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16), method))
+    assert isinstance(b.layers["0"].self_attn, FusedAttention)
+    assert type(b.layers["0"].self_attn.qkv_proj) is type(a.layers["0"].self_attn.q_proj)
+    ids = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x, y = a(ids).float(), b(ids).float()
+    assert (x - y).abs().max().item() <= 0.02 * x.abs().max().item()
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    ga = generate(a, None, prompts, max_new_tokens=8, temperature=0, stop_token_ids=[])
+    gb = generate(b, None, prompts, max_new_tokens=8, temperature=0, stop_token_ids=[])
+    assert [r.token_ids[0] for r in ga] == [r.token_ids[0] for r in gb]
+
+
+def test_describe_names_the_format_and_kernel():
+    from qwen15.quantize import describe, kernels, pack_for_cpu, quantize
+
+    cfg = get_preset("tiny").replace(vocab_size=1000)
+    bf16 = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
+    assert describe(bf16) == "bf16 weights"
+    if can_pack := torch.backends.mkldnn.is_available():
+        assert describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16))).endswith(
+            "oneDNN-packed"
+        )
+    note = describe(quantize(bf16, "int4"))
+    assert note.startswith("int4 weights (group 64), output layer int4, bf16 activations")
+    kernel = "AVX-512 VNNI kernel for" if kernels.library() is not None else "torch dequantize"  # 352 columns
+    assert kernel in note, (note, can_pack)
+
+
+# ---------------------------------------------------------------------------------------------- on disk
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("q") / "bf16"
+    Qwen.from_config(
+        get_preset("tiny-mha").replace(vocab_size=1000), seed=0, dtype=torch.bfloat16
+    ).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_folder_loads_as_saved(tiny_folder, tmp_path, method):
+    from qwen15.errors import UserError
+    from qwen15.fuse import fuse_projections
+    from qwen15.hf_folder import CheckpointError
+    from qwen15.model_config import ConfigError
+    from qwen15.quantize import load_quantized, quantization_of, quantize
+    from qwen15.quantize.saved import quantize_folder
+
+    out = quantize_folder(tiny_folder, tmp_path / method, method, progress=False)
+    quant = quantization_of(out)
+    assert quant["quant_method"] == "qwen15" and quant["weights"] == method
+    loaded = load_quantized(out)
+    fresh = quantize(Qwen.from_pretrained(str(tiny_folder), dtype=torch.bfloat16), method)
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), fresh(ids))  # the stored tensors are the quantized ones, bit for bit
+    fuse_projections(loaded)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids)).all()
+    with pytest.raises(ConfigError, match="load_quantized"):
+        Qwen.from_pretrained(str(out))
+    with pytest.raises(UserError, match="--overwrite"):
+        quantize_folder(tiny_folder, out, method, progress=False)
+    with pytest.raises(CheckpointError, match="quantized already"):
+        quantize_folder(out, tmp_path / "again", method, progress=False)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_prepare_for_inference_quantizes_or_keeps_a_loaded_quantized_model(tiny_folder, tmp_path, method):
+    """prepare_for_inference(model, "int8"|"int4") on the bf16 model and prepare_for_inference on the folder
+    `convert --quantize` wrote give the same logits bit for bit (per-row/per-group quantization commutes with
+    fusing), and a loaded int4 model refuses another quantization."""
+    from qwen15 import prepare_for_inference
+    from qwen15.errors import UserError
+    from qwen15.quantize import load_quantized
+    from qwen15.quantize.saved import quantize_folder
+
+    fresh = prepare_for_inference(Qwen.from_pretrained(str(tiny_folder), dtype=torch.bfloat16), method)
+    assert fresh.inference_format.startswith(f"fused, {method} weights")
+    out = quantize_folder(tiny_folder, tmp_path / method, method, progress=False)
+    loaded = prepare_for_inference(load_quantized(out))
+    assert loaded.inference_format == fresh.inference_format
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), fresh(ids))
+    other = "int8" if method == "int4" else "int4"
+    with pytest.raises(UserError, match=f"holds {method} weights already"):
+        prepare_for_inference(load_quantized(out), other)
+    with pytest.raises(UserError, match="group_size applies to int4 only"):
+        prepare_for_inference(Qwen.from_pretrained(str(tiny_folder)), "int8", group_size=32)
+
+
+def test_convert_quantize_follows_the_output_rule(tiny_folder, tmp_path, capsys):
+    """convert --quantize never replaces its input, and replaces only a folder qwen15 wrote (with --overwrite)."""
+    from qwen15.cli import main
+
+    assert main(["convert", "--quantize", "int8", "--overwrite", str(tiny_folder), str(tiny_folder)]) == 2
+    assert "is this command's input" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["convert", "--quantize", "int8", "--overwrite", str(tiny_folder), str(foreign)]) == 2
+    assert "not written by qwen15" in capsys.readouterr().err and (foreign / "notes.txt").is_file()
+    out = tmp_path / "q8"
+    assert main(["convert", "--quantize", "int8", str(tiny_folder), str(out)]) == 0
+    assert (
+        main(
+            ["convert", "--quantize", "int4", "--group-size", "32", "--overwrite", str(tiny_folder), str(out)]
+        )
+        == 0
+    )
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert (
+        main(["convert", "--quantize", "int8", "--group-size", "32", str(tiny_folder), str(tmp_path / "x")])
+        == 2
+    )
+    assert "--group-size applies to --quantize int4 only" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "q8"]  # nothing partial left
+    assert (tiny_folder / "model.safetensors").is_file() and not (
+        tiny_folder / "quantization_config"
+    ).exists()
+
+
+def test_foreign_quantized_checkpoints_are_refused_clearly(tiny_folder, tmp_path):
+    import json
+    import shutil
+
+    from qwen15.model_config import ConfigError
+
+    folder = tmp_path / "gptq"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="'gptq', which qwen15 does not read"):
+        Qwen.from_pretrained(str(folder))
+
+
+def test_cli_convert_quantize_then_generate(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from qwen15.cli import main
+
+    if not SHARED_TOKENIZER.is_dir():
+        pytest.skip("the shared tokenizer is absent")
+    source, out = tmp_path / "bf16", tmp_path / "int4"  # the real vocabulary, so that text prompts fit
+    Qwen.from_config(get_preset("tiny"), seed=0, dtype=torch.bfloat16).save_pretrained(str(source))
+    assert main(["convert", "--quantize", "int4", str(source), str(out)]) == 0
+    assert main(["convert", "--quantize", "int4", str(source), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    gen = ["generate", "--model", str(out), "--tokenizer", str(SHARED_TOKENIZER), "--prompt", "Hi"]
+    gen += ["--max-new-tokens", "4", "--threads", "1"]
+    assert main(gen + ["--quantize", "int8"]) == 2
+    assert "holds int4 weights already" in capsys.readouterr().err
+    run = subprocess.run(
+        [sys.executable, "-m", "qwen15.cli", *gen], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "int4 weights (group 64)" in run.stderr and "1 threads" in run.stderr
+
+
+@pytest.mark.parametrize("cc", ["default", "/bin/false"])
+def test_kernels_build_into_an_empty_cache_or_fall_back_with_the_reason(tmp_path, cc):
+    """A fresh machine: the kernel library is compiled into the (empty) cache folder on first use; a compiler that
+    fails leaves the model on torch's kernels, and the reason is in the startup note."""
+    import os
+    import subprocess
+    import sys
+
+    from qwen15.quantize import kernels
+
+    code = (
+        "import torch; from qwen15 import Qwen; from qwen15.model_config import get_preset;"
+        "from qwen15.quantize import quantize, describe;"
+        "m = quantize(Qwen.from_config(get_preset('tiny-mha').replace(vocab_size=1000), seed=0, dtype=torch.bfloat16),"
+        " 'int8'); m(torch.tensor([[1, 2, 3]])); print(describe(m))"
+    )
+    env = {**os.environ, "QWEN15_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("QWEN15_CPU_KERNELS", None)
+    if cc != "default":
+        env["CC"] = cc
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    built = list((tmp_path / "cache").glob("qwen15_cpu_*.so")) if (tmp_path / "cache").is_dir() else []
+    if cc != "default":
+        assert "building the kernels failed" in out.stdout and not built
+    elif kernels.library() is not None:  # this machine can run them: a fresh cache must get them too
+        assert "AVX-512 VNNI kernel" in out.stdout and len(built) == 1
+        assert not list((tmp_path / "cache").glob("*.partial"))

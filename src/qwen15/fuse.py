@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from qwen15.lora.modules import fuse_adapters
-from qwen15.model import MLP, Attention
+from qwen15.model import MLP, Attention, apply_rotary
 
 
 @torch.no_grad()
 def concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     """One nn.Linear whose output is the concatenation of the given ones' outputs (a LoRALinear when some of
-    them carry adapters)."""
+    them carry adapters). Quantized modules (a model loaded quantized) concatenate through their `concat`."""
+    if not isinstance(linears[0], nn.Linear):
+        return type(linears[0]).concat(linears)
     w = linears[0].weight
     has_bias = linears[0].bias is not None
     fused = nn.Linear(
@@ -44,6 +46,16 @@ class FusedAttention(Attention):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         return q, k, v
+
+    def rotated_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """As Attention's, with q and k heads rotated in one call: the same values from half the small ops that
+        a batch-1 decode step spends on the rotary embedding."""
+        b, s, _ = x.shape
+        nq, nk, _ = self.qkv_sizes
+        qkv = self.qkv_proj(x)
+        qk = apply_rotary(qkv[..., : nq + nk].view(b, s, -1, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = qk.split([nq // self.head_dim, nk // self.head_dim], dim=1)
+        return q, k, qkv[..., nq + nk :].view(b, s, -1, self.head_dim).transpose(1, 2)
 
 
 class FusedMLP(MLP):

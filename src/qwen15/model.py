@@ -131,13 +131,18 @@ class Attention(nn.Module):
         """Queries, keys and values [batch, seq, heads x head_dim] of the hidden states."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def rotated_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries and keys with the rotary embedding applied, and values: [batch, heads, seq, head_dim] each."""
         b, s, _ = x.shape
         q, k, v = self.project(x)
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.rotated_heads(x, inputs.cos, inputs.sin)
         if inputs.kv_cache is not None:
             k, v = inputs.kv_cache.update(self.layer_idx, inputs.cache_positions, k, v)
             if inputs.key_len is not None:

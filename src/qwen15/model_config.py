@@ -136,6 +136,19 @@ class ModelConfig:
             raise ConfigError(
                 f"{where}: model_type is {model_type!r}; qwen15 reads Qwen1.5 checkpoints (model_type 'qwen2')"
             )
+        quant = data.get("quantization_config")
+        if quant is not None:
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            if method == "qwen15":
+                raise ConfigError(
+                    f"{where}: this folder holds qwen15 {quant.get('weights', 'quantized')} weights (written by "
+                    "`qwen15 convert --quantize`); load it with qwen15.quantize.load_quantized(folder), or give it "
+                    "to `qwen15 generate` / `qwen15 chat` as --model"
+                )
+            raise ConfigError(
+                f"{where}: the weights are quantized with {method!r}, which qwen15 does not read; use the "
+                "unquantized checkpoint (qwen15 quantizes it itself: --quantize int8 or int4)"
+            )
         unknown = sorted(set(data) - _HF_USED - _HF_IGNORED)
         if unknown:
             raise ConfigError(

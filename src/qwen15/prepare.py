@@ -6,25 +6,36 @@ from torch import nn
 
 from qwen15.errors import UserError
 from qwen15.fuse import fuse_projections
-from qwen15.quantize import can_pack_for_cpu, pack_for_cpu, quantize_int8
+from qwen15.quantize import describe, pack_for_cpu, quantize_int4, quantize_int8
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
-def prepare_for_inference(model: nn.Module, quantize: str | None = None) -> nn.Module:
-    """In place, for generation only: fused q/k/v and gate/up projections, then int8 weights (`quantize="int8"`)
-    or, on CPU, matrices prepacked for oneDNN. Returns the model; `model.inference_format` says what was done.
-    The outputs stay those of the model (exactly for packing, to rounding for fusion; int8 approximates)."""
+def prepare_for_inference(
+    model: nn.Module, quantize: str | None = None, *, group_size: int | None = None
+) -> nn.Module:
+    """In place, for generation only: fused q/k/v and gate/up projections, then int8 or int4 weights
+    (`quantize="int8"|"int4"`, int4 in groups of `group_size` columns, default 64) or, on CPU, matrices prepacked
+    for oneDNN. A model loaded quantized (qwen15.quantize.load_quantized) keeps its weights. Returns the model;
+    `model.inference_format` says what was done (format and kernel, one line). The outputs stay those of the model
+    (exactly for packing, to rounding for fusion; int8/int4 approximate)."""
     quantize = quantize or "none"
     if quantize not in QUANTIZATIONS:
         raise UserError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if group_size is not None and quantize != "int4":
+        raise UserError(f"group_size applies to int4 only (quantize is {quantize!r})")
+    stored = getattr(model, "quantization", None)
+    if stored is not None and quantize not in ("none", stored):
+        raise UserError(
+            f"quantize={quantize!r}: the model holds {stored} weights already (a folder of `qwen15 convert "
+            "--quantize`); leave quantize out, or load the unquantized checkpoint"
+        )
     fuse_projections(model)
-    if quantize == "int8":
+    if stored is None and quantize == "int8":
         quantize_int8(model)
-        model.inference_format = "fused, int8 weights"
-    elif can_pack_for_cpu(model):
-        pack_for_cpu(model)
-        model.inference_format = "fused, oneDNN-packed"
-    else:
-        model.inference_format = "fused"
+    elif stored is None and quantize == "int4":
+        quantize_int4(model, **({} if group_size is None else {"group_size": group_size}))
+    elif stored is None:
+        pack_for_cpu(model)  # CPU bf16/fp32 only; other models are left as they are
+    model.inference_format = f"fused, {describe(model)}"
     return model.eval()

@@ -1,7 +1,9 @@
 """`qwen15 convert --to hf CHECKPOINT OUTDIR`: a training checkpoint (any process count) -> Hugging Face folder;
 `--to peft`: the adapters of a LoRA run -> PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
 `--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints;
-`--from mindspore --to peft`: MindFormers LoRA weights -> PEFT adapter folder (docs/migrate.md)."""
+`--from mindspore --to peft`: MindFormers LoRA weights -> PEFT adapter folder (docs/migrate.md);
+`--quantize int8|int4 SOURCE OUTDIR`: a Hugging Face folder (or a training checkpoint) -> a quantized folder that
+generate/chat load without quantizing again (format: qwen15.quantize.saved)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="export as a chat model")
     chat.add_argument("--base", dest="chat", action="store_false", help="export as a base model")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="write int8 or int4 weight-only weights instead (SOURCE: a Hugging Face folder or a checkpoint)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=[32, 64, 128],
+        default=None,
+        help="int4 columns per scale (default 64)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only a folder qwen15 wrote)"
     )
@@ -97,12 +111,18 @@ def _check_options(args: argparse.Namespace) -> None:
                 raise UserError(f"--{name.replace('_', '-')} {why} (--from mindspore --to peft)")
         if args.chat is not None:
             raise UserError("--chat/--base do not apply to --to peft (an adapter has no generation config)")
+    if args.quantize and (args.to != "hf" or args.source != "qwen15"):
+        raise UserError("--quantize writes a qwen15 quantized folder; it does not combine with --to/--from")
+    if args.group_size and args.quantize != "int4":
+        raise UserError("--group-size applies to --quantize int4 only")
     if direction == "to" and args.chat is not None:
         raise UserError("--chat/--base do not apply to --to mindspore (a .ckpt holds weights only)")
 
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    if args.quantize or args.group_size:
+        return _quantize(args)
     if args.source == "mindspore" or args.to == "mindspore":
         return _mindspore(args)
     import sys
@@ -195,4 +215,42 @@ def _mindspore_lora(args: argparse.Namespace) -> int:
     )
     if s.lines()[1:]:
         print("\n".join(s.lines()[1:]))
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """SOURCE is a Hugging Face folder, or a training checkpoint exported first to a temporary Hugging Face
+    folder beside the output (removed afterwards, whatever happens)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from qwen15.atomic import check_output_folder
+    from qwen15.quantize.saved import quantize_folder
+    from qwen15.train.export import export_hf
+
+    source = Path(args.checkpoint)
+    out = check_output_folder(args.out_dir, overwrite=args.overwrite, inputs=[source], flag="OUT_DIR")
+    hf = any((source / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+    if hf:
+        quantize_folder(source, out, args.quantize, group_size=args.group_size, overwrite=args.overwrite)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".hf", dir=out.parent) as tmp:
+            hf_dir = export_hf(
+                args.checkpoint,
+                Path(tmp) / "hf",
+                dtype="bfloat16",
+                chat=args.chat,
+                warn=lambda m: print(m, file=sys.stderr),
+            )
+            quantize_folder(
+                hf_dir,
+                out,
+                args.quantize,
+                group_size=args.group_size,
+                overwrite=args.overwrite,
+                inputs=[source],
+            )
+    print(f"wrote {out} ({args.quantize})")
     return 0

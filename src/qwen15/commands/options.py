@@ -98,9 +98,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantize",
-        choices=["none", "int8"],
+        choices=["none", "int8", "int4"],
         default="none",
-        help="int8: weight-only int8 (half of bf16's memory)",
+        help="int8 / int4: weight-only int8 (half of bf16's memory) or int4 in groups of 64 columns (about a "
+        "quarter); activations bf16 unless --dtype fp32. A folder written by `qwen15 convert --quantize` loads "
+        "as it is stored",
+    )
+    g.add_argument(
+        "--threads",
+        type=bounded(int, 1),
+        default=None,
+        help="CPU threads for the matrix products (default: torch's choice, one per core)",
     )
     g.add_argument(
         "--compile",
@@ -230,7 +238,7 @@ def _load_tensor_parallel(args: argparse.Namespace, device: str, dtype):
 
     if args.quantize != "none":
         raise UserError(
-            "--quantize int8 does not combine with tensor parallel (torchrun); use one or the other"
+            f"--quantize {args.quantize} does not combine with tensor parallel (torchrun); use one or the other"
         )
     if getattr(args, "adapter", None):
         raise UserError(
@@ -282,27 +290,52 @@ def load_model(args: argparse.Namespace, *, prepare: bool = True):
             "(leave --compile out)"
         )
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     t = time.perf_counter()
     if tensor_parallel_world() > 1:
         model, note = _load_tensor_parallel(args, device, dtype)
     else:
-        adapter = getattr(args, "adapter", None)
-        if adapter:
-            from qwen15.lora import load_adapter, read_adapter
+        from qwen15.quantize import load_quantized, quantization_of
 
-            try:
-                read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
-            except UserError as e:
-                text = str(e).removeprefix(f"{adapter}: ")
-                raise type(e)(f"--adapter {adapter}: {text}") from None
-        model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
-        note = "plain"
-        if adapter:
-            spec = load_adapter(model, adapter).lora_spec
-            note = f"LoRA adapter {adapter} (r {spec.r}, {', '.join(spec.target_modules)})"
+        adapter = getattr(args, "adapter", None)
+        # a folder of `qwen15 convert --quantize` is loaded as it is stored
+        stored = quantization_of(args.model)
+        if stored is not None:
+            if adapter:
+                raise UserError(
+                    f"--adapter with --model {args.model}: that folder holds {stored.get('weights')} weights; "
+                    "give the unquantized model with --adapter (and --quantize to quantize it after)"
+                )
+            if args.quantize not in ("none", stored.get("weights")):
+                raise UserError(
+                    f"--quantize {args.quantize}: {args.model} holds {stored.get('weights')} weights already; "
+                    "drop --quantize, or convert the unquantized checkpoint"
+                )
+            model = load_quantized(args.model, device=device, dtype=dtype)
+            note = f"stored {stored.get('weights')}"
+        else:
+            if adapter:
+                from qwen15.lora import load_adapter, read_adapter
+
+                try:
+                    read_adapter(adapter)  # a bad adapter folder fails before the model is loaded
+                except UserError as e:
+                    text = str(e).removeprefix(f"{adapter}: ")
+                    raise type(e)(f"--adapter {adapter}: {text}") from None
+            if args.quantize != "none" and dtype is None:
+                dtype = torch.bfloat16  # quantized weights, bf16 activations unless --dtype says otherwise
+            model = Qwen.from_pretrained(args.model, dtype=dtype, device=device)
+            note = "plain"
+            if adapter:
+                spec = load_adapter(model, adapter).lora_spec
+                note = f"LoRA adapter {adapter} (r {spec.r}, {', '.join(spec.target_modules)})"
         if prepare:
-            done = prepare_for_inference(model, args.quantize).inference_format
+            quantize = "none" if stored is not None else args.quantize
+            done = prepare_for_inference(model, quantize).inference_format
             note = done if note == "plain" else f"{note}, {done}"
+    if device == "cpu":
+        note += f", {torch.get_num_threads()} threads"
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     check_fit(args, model, tokenizer)
     print(

@@ -1,0 +1,388 @@
+/* int8 and int4 matrix products for decode on x86 CPUs with AVX-512 (F, BW, VL, VNNI).
+
+   Built at first use by qwen15/quantize/kernels.py with the system C compiler (-O3 -fopenmp), loaded with ctypes:
+   no Python or torch headers. -fopenmp makes the library need libgomp.so.1, which resolves to the one torch has
+   already loaded, so these kernels share torch's thread pool and follow torch.set_num_threads.
+
+   Decode multiplies a few rows of activations by a large weight matrix: it is bound by reading the weights, as long
+   as the arithmetic per weight byte stays small. So the products run as VNNI int8 dot products (vpdpbusd, 64
+   multiply-adds per instruction, int32 sums): each row of activations is quantized on the fly to int8 in blocks of
+   64 columns (scale = max |x| / 127 per block), as llama.cpp does for its Q8_0 and Q4_0 products (blocks of 32).
+
+   int8:  w[n, k] = q[n, k] * scale[n]           q int8 [N, K] row-major, scale fp32 [N]; K a multiple of 64.
+          y[n] = scale[n] * sum_b xs_b * sum_{k in b} q[n, k] * xq[k]; vpdpbusd multiplies unsigned by signed bytes,
+          so the weights enter as q + 128 (a xor of the sign bit) and 128 * sum xs_b * sum xq is taken off per row.
+   int4:  w[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / G   q in 0..15; scale, min bf16 [N, K / G];
+          G 32, 64 or 128; K a multiple of 128. Packed uint8 [N, K / 2]: in each chunk of 128 columns (64 bytes)
+          byte j holds column j in its low nibble and column j + 64 in its high nibble.
+          y[n] = sum_g scale_g * sum_{k in g} xs_b(k) q[n, k] xq[k] + sum_g min_g * sum_{k in g} xs_b(k) xq[k].
+   x and y are bf16 or fp32 (flags), [M, K] and [M, N], row-major; bias fp32 [N] or NULL. */
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define XB 64 /* columns per activation scale */
+
+static float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* 16 fp32 -> 16 bf16, round to nearest even (finite values; the weights and scales here are finite). */
+ALWAYS_INLINE __m256i f32x16_to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+
+ALWAYS_INLINE __m512 load16(const void *x, int bf16, int64_t i) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
+    return _mm512_loadu_ps((const float *)x + i);
+}
+
+static void store_row(void *y, int y_bf16, int64_t idx, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[idx] = f32_to_bf16(v);
+    else
+        ((float *)y)[idx] = v;
+}
+
+/* Rows [n0, n1) of N for thread t of nt, in multiples of `align` rows. */
+static void split_rows(int64_t N, int64_t align, int t, int nt, int64_t *n0, int64_t *n1) {
+    int64_t blocks = (N + align - 1) / align;
+    int64_t per = blocks / nt, extra = blocks % nt;
+    int64_t b0 = t * per + (t < extra ? t : extra);
+    int64_t b1 = b0 + per + (t < extra ? 1 : 0);
+    *n0 = b0 * align < N ? b0 * align : N;
+    *n1 = b1 * align < N ? b1 * align : N;
+}
+
+/* ------------------------------------------------------------------------------------------------ activations */
+
+/* Activations in int8: xq [M, K], scales xs [M, K / XB]; and, with G > 0, the sums of xs * xq over groups of G
+   columns (xsum [M, K / G], for the int4 minimums) and, for int8, per row sum_b xs_b * 128 * sum_{k in b} xq[k] (corr [M]). */
+typedef struct {
+    int8_t *xq;
+    float *xs, *xsum, *corr;
+} quantized_x;
+
+static void free_x(quantized_x *a) {
+    free(a->xq);
+    free(a->xs);
+    free(a->xsum);
+    free(a->corr);
+}
+
+static int quantize_x(const void *x, int x_bf16, int64_t M, int64_t K, int64_t G, quantized_x *a) {
+    a->xq = aligned_alloc(64, (size_t)(M * K + 64));
+    a->xs = malloc(sizeof(float) * (size_t)(M * (K / XB) + 1));
+    a->xsum = G ? malloc(sizeof(float) * (size_t)(M * (K / G) + 1)) : NULL;
+    a->corr = malloc(sizeof(float) * (size_t)(M + 1));
+    if (!a->xq || !a->xs || (G && !a->xsum) || !a->corr) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        float corr = 0.0f;
+        for (int64_t b = 0; b < K / XB; b++) {
+            int64_t at = m * K + b * XB;
+            __m512 v[4];
+            __m512 mx = _mm512_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = load16(x, x_bf16, at + 16 * i);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+            }
+            float amax = _mm512_reduce_max_ps(mx), s = amax / 127.0f;
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m512i total = _mm512_setzero_si512();
+            for (int i = 0; i < 4; i++) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv)); /* round to nearest even */
+                total = _mm512_add_epi32(total, qi);
+                _mm_storeu_si128((__m128i *)(a->xq + at + 16 * i), _mm512_cvtsepi32_epi8(qi));
+            }
+            a->xs[m * (K / XB) + b] = s;
+            corr += s * 128.0f * (float)_mm512_reduce_add_epi32(total);
+        }
+        a->corr[m] = corr;
+        /* sums of the quantized activations: the minimums then multiply what the products see, so that the result
+           is exactly w . dequant(xq) (with the exact sums of x the error would scale with q, not with w) */
+        for (int64_t g = 0; G && g < K / G; g++) {
+            float total = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                int32_t part = 0;
+                for (int64_t i = 0; i < 32; i++) part += a->xq[m * K + k + i];
+                total += a->xs[m * (K / XB) + k / XB] * (float)part;
+            }
+            a->xsum[m * (K / G) + g] = total;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ int8 */
+
+/* out[i][j] = sum_b xs[j][b] * sum_{k in b} (q[i, k] + 128) * xq[j, k], NR weight rows, MT activation rows. The rows
+   of a tile are contiguous; the next tile's bytes are prefetched as this one's are read (short row streams read side
+   by side are too short for the hardware prefetcher to follow on its own). */
+ALWAYS_INLINE void int8_tile(const quantized_x *a, int64_t m0, int64_t K, const int8_t *q, int NR, int MT,
+                             float out[4][4]) {
+    const char *next = (const char *)(q + NR * K);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += XB) {
+        __m512i w[4];
+        for (int i = 0; i < NR; i++) {
+            _mm_prefetch(next + i * K + k, _MM_HINT_T0);
+            w[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + i * K + k)), flip);
+        }
+        for (int j = 0; j < MT; j++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(a->xq + (m0 + j) * K + k));
+            __m512 s = _mm512_set1_ps(a->xs[(m0 + j) * (K / XB) + k / XB]);
+            for (int i = 0; i < NR; i++) {
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xv);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+static void int8_rows(const quantized_x *a, int64_t M, int64_t K, const int8_t *q, const float *scale,
+                      const float *bias, void *y, int y_bf16, int64_t N, int64_t n0, int64_t n1) {
+    float out[4][4];
+    for (int64_t n = n0; n < n1; n += 4) {
+        int nr = n1 - n >= 4 ? 4 : (int)(n1 - n);
+        const int8_t *qn = q + n * K;
+        for (int64_t m = 0; m < M; m += 4) {
+            int mt = M - m >= 4 ? 4 : (int)(M - m);
+            /* constant tile shapes, so that each call is fully unrolled */
+            if (nr == 4 && mt == 1) int8_tile(a, m, K, qn, 4, 1, out);
+            else if (nr == 4 && mt == 4) int8_tile(a, m, K, qn, 4, 4, out);
+            else if (nr == 4 && mt == 2) int8_tile(a, m, K, qn, 4, 2, out);
+            else if (nr == 4 && mt == 3) int8_tile(a, m, K, qn, 4, 3, out);
+            else
+                for (int i = 0; i < nr; i++)
+                    for (int j = 0; j < mt; j++) {
+                        float one[4][4];
+                        int8_tile(a, m + j, K, qn + i * K, 1, 1, one);
+                        out[i][j] = one[0][0];
+                    }
+            for (int i = 0; i < nr; i++)
+                for (int j = 0; j < mt; j++) {
+                    float v = (out[i][j] - a->corr[m + j]) * scale[n + i] + (bias ? bias[n + i] : 0.0f);
+                    store_row(y, y_bf16, (m + j) * N + n + i, v);
+                }
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] @ (q * scale).T + bias. Returns 0, or -1 if out of memory. */
+int q15_int8_linear(const void *x, int x_bf16, const int8_t *q, const float *scale, const float *bias, void *y,
+                    int y_bf16, int64_t M, int64_t N, int64_t K) {
+    quantized_x a;
+    if (quantize_x(x, x_bf16, M, K, 0, &a) != 0) {
+        free_x(&a);
+        return -1;
+    }
+#pragma omp parallel
+    {
+        int64_t n0, n1;
+        split_rows(N, 16, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        int8_rows(&a, M, K, q, scale, bias, y, y_bf16, N, n0, n1);
+    }
+    free_x(&a);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ int4 */
+
+/* out[i][j] = sum_g sf[i][g] * sum_b xs[j][b] * sum_{k in g, b} q[i, k] * xq[j, k]; sf holds each tile row's group
+   scales in fp32 (ng per row), gs = log2(G) (G is 32, 64 or 128: no division in the loop). */
+ALWAYS_INLINE void int4_tile(const quantized_x *a, int64_t m0, int64_t K, const uint8_t *q, int64_t ldq,
+                             const float *sf, const float *mf, int64_t ng, int gs, int NR, int MT, float out[4][4]) {
+    const char *next = (const char *)(q + NR * ldq);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    __m512 acc[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 128) {
+        __m512i lo[4], hi[4];
+        for (int i = 0; i < NR; i++) {
+            _mm_prefetch(next + i * ldq + k / 2, _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512((const void *)(q + i * ldq + k / 2));
+            lo[i] = _mm512_and_si512(v, nib);
+            hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+        for (int j = 0; j < MT; j++) {
+            const int8_t *xq = a->xq + (m0 + j) * K + k;
+            const float *xs = a->xs + (m0 + j) * (K / XB) + (k >> 6);
+            __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
+            for (int i = 0; i < NR; i++) {
+                const float *s = sf + i * ng;
+                __m512 d0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x0));
+                __m512 d1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[i], x1));
+                __m512 s0, s1;
+                if (gs == 5) { /* groups of 32: lanes 0..7 hold a unit's first 32 columns, lanes 8..15 the next 32 */
+                    int64_t g = k >> 5;
+                    s0 = _mm512_insertf32x8(_mm512_set1_ps(s[g] * xs[0]), _mm256_set1_ps(s[g + 1] * xs[0]), 1);
+                    s1 = _mm512_insertf32x8(_mm512_set1_ps(s[g + 2] * xs[1]), _mm256_set1_ps(s[g + 3] * xs[1]), 1);
+                } else {
+                    s0 = _mm512_set1_ps(s[k >> gs] * xs[0]);
+                    s1 = _mm512_set1_ps(s[(k + 64) >> gs] * xs[1]);
+                }
+                acc[i][j] = _mm512_fmadd_ps(d0, s0, acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(d1, s1, acc[i][j]);
+            }
+        }
+    }
+    /* the minimums: + sum_g min[i][g] * xsum[j][g], in the same lanes before the one reduction */
+    for (int64_t g = 0; g < ng; g += 16) {
+        __mmask16 live = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);
+        for (int j = 0; j < MT; j++) {
+            __m512 xsum = _mm512_maskz_loadu_ps(live, a->xsum + (m0 + j) * ng + g);
+            for (int i = 0; i < NR; i++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, mf + i * ng + g), xsum, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* dst[0..n) = the bf16 values src[0..n) as fp32 (vectorised: per weight row, off the hot loop). */
+static void bf16_row_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src, 1, i));
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+}
+
+#define INT4_TILE(NR_, MT_) int4_tile(a, m, K, qn, ldq, sf, mf, ng, gs, NR_, MT_, out)
+
+static void int4_rows(const quantized_x *a, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scale,
+                      const uint16_t *mins, int64_t G, const float *bias, void *y, int y_bf16, int64_t N, int64_t n0,
+                      int64_t n1, float *sf) {
+    int64_t ng = K / G, ldq = K / 2;
+    int gs = G == 32 ? 5 : G == 64 ? 6 : 7;
+    float *mf = sf + 4 * ng, out[4][4];
+    for (int64_t n = n0; n < n1; n += 4) {
+        int nr = n1 - n >= 4 ? 4 : (int)(n1 - n);
+        const uint8_t *qn = q + n * ldq;
+        bf16_row_to_f32(scale + n * ng, sf, nr * ng); /* the tile's rows are contiguous */
+        bf16_row_to_f32(mins + n * ng, mf, nr * ng);
+        for (int64_t m = 0; m < M; m += 4) {
+            int mt = M - m >= 4 ? 4 : (int)(M - m);
+            if (nr == 4 && mt == 1) INT4_TILE(4, 1);
+            else if (nr == 4 && mt == 4) INT4_TILE(4, 4);
+            else if (nr == 4 && mt == 2) INT4_TILE(4, 2);
+            else if (nr == 4 && mt == 3) INT4_TILE(4, 3);
+            else
+                for (int i = 0; i < nr; i++)
+                    for (int j = 0; j < mt; j++) {
+                        float one[4][4];
+                        int4_tile(a, m + j, K, qn + i * ldq, ldq, sf + i * ng, mf + i * ng, ng, gs, 1, 1, one);
+                        out[i][j] = one[0][0];
+                    }
+            for (int i = 0; i < nr; i++)
+                for (int j = 0; j < mt; j++) {
+                    store_row(y, y_bf16, (m + j) * N + n + i, out[i][j] + (bias ? bias[n + i] : 0.0f));
+                }
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] @ dequant(q).T + bias. Returns 0, or -1 if out of memory. */
+int q15_int4_linear(const void *x, int x_bf16, const uint8_t *q, const uint16_t *scale, const uint16_t *mins,
+                    int64_t G, const float *bias, void *y, int y_bf16, int64_t M, int64_t N, int64_t K) {
+    quantized_x a;
+    if (quantize_x(x, x_bf16, M, K, G, &a) != 0) {
+        free_x(&a);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *sf = malloc(sizeof(float) * 8 * (size_t)(K / G)); /* 4 rows of scales, 4 of minimums */
+        if (!sf) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            int64_t n0, n1;
+            split_rows(N, 16, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+            int4_rows(&a, M, K, q, scale, mins, G, bias, y, y_bf16, N, n0, n1, sf);
+            free(sf);
+        }
+    }
+    free_x(&a);
+    return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ dequantize */
+
+/* 16 weights stored as bf16 or fp32. */
+ALWAYS_INLINE void store16(void *w, int w_bf16, int64_t idx, __m512 v) {
+    if (w_bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)w + idx), f32x16_to_bf16(v));
+    else
+        _mm512_storeu_ps((float *)w + idx, v);
+}
+
+/* w [N, K] (bf16 or fp32) = q * scale (for long prompts, which then run one dense matrix product). */
+void q15_int8_dequantize(const int8_t *q, const float *scale, void *w, int w_bf16, int64_t N, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        __m512 s = _mm512_set1_ps(scale[n]);
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + n * K + k))));
+            store16(w, w_bf16, n * K + k, _mm512_mul_ps(v, s));
+        }
+    }
+}
+
+/* w [N, K] (bf16 or fp32) = q * scale + min. */
+void q15_int4_dequantize(const uint8_t *q, const uint16_t *scale, const uint16_t *mins, int64_t G, void *w,
+                         int w_bf16, int64_t N, int64_t K) {
+    int64_t ng = K / G;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = q + n * (K / 2);
+        for (int64_t k = 0; k < K; k += 16) { /* columns k..k+15 sit in one nibble of 16 consecutive bytes */
+            int64_t base = k / 128 * 128, j = k - base;
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + base / 2 + j % 64)));
+            __m512i v = j < 64 ? _mm512_and_si512(b, _mm512_set1_epi32(0xf)) : _mm512_srli_epi32(b, 4);
+            __m512 s = _mm512_set1_ps(bf16_to_f32(scale[n * ng + k / G]));
+            __m512 mn = _mm512_set1_ps(bf16_to_f32(mins[n * ng + k / G]));
+            store16(w, w_bf16, n * K + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, mn));
+        }
+    }
+}
+
+/* Bytes summed by all threads reading a buffer once (a read-only memory bandwidth probe; returns the sum). */
+double q15_read_bytes(const uint8_t *buf, int64_t n) {
+    double total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+        int64_t n0, n1;
+        split_rows(n, 4096, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = n0; i + 64 <= n1; i += 64)
+            acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512((const void *)(buf + i)), _mm512_setzero_si512()));
+        total += (double)_mm512_reduce_add_epi64(acc);
+    }
+    return total;
+}

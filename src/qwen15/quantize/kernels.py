@@ -1,0 +1,211 @@
+"""The AVX-512 VNNI int8/int4 CPU kernels (cpu_kernels.c): built once with the system C compiler, loaded with
+ctypes, called on torch tensors.
+
+Why our own kernel: PyTorch's weight-only CPU kernels dequantize each weight to fp32 and multiply in fp32, which is
+compute-bound on two cores, so a batch-1 decode step cannot reach the bandwidth that int8 or int4 weights would
+allow; these multiply int8 by int8 (VNNI), with the activations quantized per block of 64 columns on the fly
+(bench/RESULTS.md has the comparison of candidates).
+
+Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni` on one C file that includes only
+the compiler's own headers, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a
+hash of the source, flags and compiler version; built beside the target and renamed, so concurrent first runs are
+safe. Needs only a C compiler (gcc >= 8 or clang >= 6) on Linux x86-64 with AVX-512 VNNI (Intel Ice Lake / Sapphire
+Rapids and later, AMD Zen 4 and later). Without either, or with QWEN15_CPU_KERNELS=0, `library()` returns None and
+the quantized modules fall back to torch's kernels; `unavailable_reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("QWEN15_KERNEL_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "qwen15" / "kernels"
+
+
+def _missing_cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return list(CPU_FLAGS)
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f not in have]
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc)
+    return shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, *ISA, version]).encode()).hexdigest()[:16]
+    folder = cache_folder()
+    target = folder / f"qwen15_cpu_{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=target.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *FLAGS, *ISA, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.q15_int8_linear.argtypes = [p, i, p, p, p, p, i, i64, i64, i64]
+    lib.q15_int8_linear.restype = i
+    lib.q15_int4_linear.argtypes = [p, i, p, p, p, i64, p, p, i, i64, i64, i64]
+    lib.q15_int4_linear.restype = i
+    lib.q15_int8_dequantize.argtypes = [p, p, p, i, i64, i64]
+    lib.q15_int8_dequantize.restype = None
+    lib.q15_int4_dequantize.argtypes = [p, p, p, i64, p, i, i64, i64]
+    lib.q15_int4_dequantize.restype = None
+    lib.q15_read_bytes.argtypes = [p, i64]
+    lib.q15_read_bytes.restype = ctypes.c_double
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None where it cannot run (see unavailable_reason)."""
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("QWEN15_CPU_KERNELS", "1") == "0":
+        _reason = "disabled by QWEN15_CPU_KERNELS=0"
+    elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        _reason = f"needs Linux on x86-64 (this is {platform.system()} {platform.machine()})"
+    elif missing := _missing_cpu_flags():
+        _reason = f"this CPU lacks {', '.join(missing)}"
+    elif (cc := _compiler()) is None:
+        _reason = "no C compiler found (install gcc, or set CC)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _reason = f"building the kernels failed ({e})"
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _reason
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as the kernels read it (a model cast with .to(dtype) after quantizing casts its scales too)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
+def _flag(t: torch.Tensor) -> int:
+    return 1 if t.dtype == torch.bfloat16 else 0
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp32, contiguous; K a multiple of 64) @ (q int8 [N, K] * scale fp32 [N]).T + bias fp32
+    -> [M, N] out_dtype."""
+    m, k = x.shape
+    n = q.shape[0]
+    scale = _as(scale, torch.float32)
+    y = torch.empty(m, n, dtype=out_dtype)
+    rc = _lib.q15_int8_linear(_ptr(x), _flag(x), _ptr(q), _ptr(scale), _ptr(bias), _ptr(y), _flag(y), m, n, k)
+    if rc != 0:
+        raise MemoryError("int8 kernel: out of memory")
+    return y
+
+
+def int4_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    mins: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """x [M, K] (K a multiple of 128) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
+    -> [M, N] out_dtype; group 32, 64 or 128."""
+    m, k = x.shape
+    n = q.shape[0]
+    scale, mins = _as(scale, torch.bfloat16), _as(mins, torch.bfloat16)
+    y = torch.empty(m, n, dtype=out_dtype)
+    rc = _lib.q15_int4_linear(
+        _ptr(x), _flag(x), _ptr(q), _ptr(scale), _ptr(mins), group, _ptr(bias), _ptr(y), _flag(y), m, n, k
+    )
+    if rc != 0:
+        raise MemoryError("int4 kernel: out of memory")
+    return y
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    scale = _as(scale, torch.float32)
+    w = torch.empty(q.shape, dtype=dtype)
+    _lib.q15_int8_dequantize(_ptr(q), _ptr(scale), _ptr(w), _flag(w), *q.shape)
+    return w
+
+
+def int4_dequantize(
+    q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    n, k = q.shape[0], q.shape[1] * 2
+    scale, mins = _as(scale, torch.bfloat16), _as(mins, torch.bfloat16)
+    w = torch.empty(n, k, dtype=dtype)
+    _lib.q15_int4_dequantize(_ptr(q), _ptr(scale), _ptr(mins), group, _ptr(w), _flag(w), n, k)
+    return w
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5) -> float | None:
+    """Bytes/s that all threads read from memory (summing a buffer larger than the caches); None without kernels."""
+    import time
+
+    if library() is None:
+        return None
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        _lib.q15_read_bytes(buf.data_ptr(), nbytes)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
