@@ -253,7 +253,8 @@ def _engine(model: Qwen, tokenizer, compile: bool | None) -> Generator:
     return engine
 
 
-def _sampling(model, temperature, top_k, top_p, repetition_penalty) -> SamplingParams:
+def resolve_sampling(model, temperature, top_k, top_p, repetition_penalty) -> SamplingParams:
+    """The sampling settings of a call: those given, the rest from the model's generation_config.json."""
     base = sampling_defaults(getattr(model, "generation_config", None))
     return SamplingParams(
         temperature=base.temperature if temperature is None else float(temperature),
@@ -299,7 +300,7 @@ def generate(
     out = engine.generate(
         batch,
         max_new_tokens=max_new_tokens,
-        sampling=_sampling(model, temperature, top_k, top_p, repetition_penalty),
+        sampling=resolve_sampling(model, temperature, top_k, top_p, repetition_penalty),
         stop=stop,
         stop_token_ids=stop_token_ids,
         seed=seed,
@@ -347,7 +348,7 @@ def stream_generate(
     it = engine.stream(
         [prompt],
         max_new_tokens=max_new_tokens,
-        sampling=_sampling(model, temperature, top_k, top_p, repetition_penalty),
+        sampling=resolve_sampling(model, temperature, top_k, top_p, repetition_penalty),
         stop=stop,
         stop_token_ids=stop_token_ids,
         seed=seed,

@@ -35,9 +35,10 @@ from qwen15.generation import (
     Prompt,
     TextStream,
     default_stop_ids,
-    sampling_defaults,
+    resolve_sampling,
 )
 from qwen15.model import KVCache, Qwen
+from qwen15.output_text import OutputText
 from qwen15.sampling import SamplingParams, probabilities, process_logits
 
 
@@ -131,19 +132,6 @@ def check_draft(target: Qwen, draft: Qwen, tokenizer, k: int) -> int:
     return tv
 
 
-def _sampling(model: Qwen, temperature, top_k, top_p, repetition_penalty) -> SamplingParams:
-    """Settings left None come from the target's generation_config.json, as in qwen15.generation.generate."""
-    base = sampling_defaults(getattr(model, "generation_config", None))
-    return SamplingParams(
-        temperature=base.temperature if temperature is None else float(temperature),
-        top_k=base.top_k if top_k is None else int(top_k),
-        top_p=base.top_p if top_p is None else float(top_p),
-        repetition_penalty=base.repetition_penalty
-        if repetition_penalty is None
-        else float(repetition_penalty),
-    )
-
-
 def _prompt_ids(prompt: Prompt, tokenizer, vocab: int, context: int) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
@@ -221,7 +209,8 @@ def _stream(
     target.eval()
     draft.eval()
     dev = next(target.parameters()).device
-    row = _Text(len(ids), tokenizer, frozenset(int(i) for i in stop_token_ids), stops)
+    row = OutputText(tokenizer, stops)
+    stop_ids = frozenset(int(i) for i in stop_token_ids)
     t_cache = KVCache(target.config.num_hidden_layers, 1, len(ids) + budget)
     d_cache = KVCache(draft.config.num_hidden_layers, 1, len(ids) + budget)
     t_filled = d_filled = 0  # cache slots holding keys of ids[:filled]; the rest is stale or empty
@@ -265,16 +254,24 @@ def _stream(
                 seen = seen.clone()
                 seen[0, new] = True
             for tok in new.tolist():
-                row.add(tok, budget)
+                if tok in stop_ids:  # a stop id ends the row and is left out
+                    row.end("stop", tok)
+                    break
+                row.add(tok)
+                if row.finish is None and len(row.ids) >= budget:
+                    row.end("length")
                 if row.finish is not None:
                     break
             delta = row.delta()
             if delta:
                 yield 0, delta
-    done = row.completion()
     return [
         SpeculativeCompletion(
-            **vars(done),
+            row.ids,
+            row.text,
+            row.finish or "length",
+            len(ids),
+            row.stop,
             proposed=proposed,
             accepted=accepted,
             target_forwards=target_forwards,
@@ -308,7 +305,7 @@ def speculative_stream(
         prompt,
         k=k,
         max_new_tokens=max_new_tokens,
-        sampling=_sampling(target, temperature, top_k, top_p, repetition_penalty),
+        sampling=resolve_sampling(target, temperature, top_k, top_p, repetition_penalty),
         stop=[stop] if isinstance(stop, str) else stop,
         stop_token_ids=stop_token_ids,
         seed=seed,
@@ -357,63 +354,3 @@ def speculative_generate(
     for _ in stream:
         pass
     return stream.completion
-
-
-# ---------------------------------------------------------------------------------------------- text
-
-
-class _Text:
-    """Tokens, text and stop state of the prompt, with the rules of qwen15.generation's rows (a stop id ends the
-    row and is left out; a stop string cuts the text, the tokens that completed it stay; deltas never end inside
-    a UTF-8 character or a possible stop string). generation keeps its own copy private."""
-
-    def __init__(self, prompt_len: int, tokenizer, stop_ids: frozenset[int], stops: tuple[str, ...]):
-        self.prompt_len, self.stop_ids, self.stops = prompt_len, stop_ids, stops
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.finish: str | None = None
-        self.stop: int | str | None = None
-        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-
-    def add(self, token: int, max_new_tokens: int) -> None:
-        if token in self.stop_ids:
-            return self._finish("stop", token)
-        self.ids.append(token)
-        if self.decoder is not None:
-            before = len(self.text)
-            self.text += self.decoder.add(token)
-            if self.stops and self._cut_at_stop(max(0, before - max(map(len, self.stops)) + 1)):
-                return
-        if len(self.ids) >= max_new_tokens:
-            self._finish("length", None)
-
-    def _cut_at_stop(self, search_from: int) -> bool:
-        hits = [(i, s) for s in self.stops if (i := self.text.find(s, search_from)) >= 0]
-        if not hits:
-            return False
-        idx, s = min(hits)
-        self.text = self.text[:idx]
-        self.finish, self.stop = "stop", s
-        return True
-
-    def _finish(self, reason: str, stop: int | None) -> None:
-        if self.decoder is not None:
-            before = len(self.text)
-            self.text += self.decoder.flush()
-            if self.stops and len(self.text) > before and self._cut_at_stop(0):
-                return
-        self.finish, self.stop = reason, stop
-
-    def delta(self) -> str:
-        end = len(self.text)
-        if self.finish is None and self.stops:
-            end -= max(
-                (n for s in self.stops for n in range(1, len(s)) if self.text.endswith(s[:n])), default=0
-            )
-        out = self.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return out
-
-    def completion(self) -> Completion:
-        return Completion(self.ids, self.text, self.finish or "length", self.prompt_len, self.stop)
