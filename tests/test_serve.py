@@ -655,8 +655,7 @@ def test_tensor_parallel_server_answers_like_the_single_process_one(model_dir, c
 
 def test_serve_with_a_lora_adapter_answers_like_the_library(model_dir, tmp_path):
     """--adapter: the server's greedy answer is the library's with the adapter applied (and not the base's)."""
-    lora = pytest.importorskip("qwen15.lora", reason="LoRA support (issue 14) is not in this build")
-    from qwen15 import Qwen, Tokenizer, prepare_for_inference
+    from qwen15 import Qwen, Tokenizer, lora, prepare_for_inference
     from qwen15.generation import generate
 
     model = Qwen.from_pretrained(str(model_dir))

@@ -114,20 +114,6 @@ def default_kv_memory(device) -> int:
     return min(4 * 2**30, available // 4)
 
 
-def _load(args):
-    import importlib.util
-
-    from qwen15.commands.options import load_model
-    from qwen15.errors import UserError
-
-    if args.adapter and importlib.util.find_spec("qwen15.lora") is None:
-        raise UserError(
-            "--adapter needs LoRA support (issue 14), which this build does not have yet; serve a model with the "
-            "adapter merged into it instead"
-        )
-    return load_model(args)  # applies --adapter where the LoRA support is in
-
-
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -141,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be at least 1, got {value}")
 
     from qwen15.chat import chat_stop_ids
-    from qwen15.commands.options import tensor_parallel_world
+    from qwen15.commands.options import load_model, tensor_parallel_world
     from qwen15.engine.engine import Engine
     from qwen15.engine.kv_slots import bytes_per_token, size_slots
     from qwen15.generation import chat_sampling_defaults, default_stop_ids, sampling_defaults
     from qwen15.serve.protocol import ServedModel
     from qwen15.serve.runner import Runner, broadcast_commands, follow
 
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)  # with --adapter applied
     param = next(model.parameters())
     world = tensor_parallel_world()
     context = model.config.max_position_embeddings
