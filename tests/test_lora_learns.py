@@ -5,8 +5,7 @@ finetune is `qwen15 train` with a `lora` section (adapters only, base frozen) on
 odd?" -> "even.". Held out: every number n with n % 7 == 3, in any phrasing, so an answer is right only if the
 adapted model reads the last digit of a number it never saw and maps it to its parity (digits are single tokens).
 Measured (seed 0, 1 thread): the base answers 0/40 held-out questions (it babbles "ssssssss"), the adapted model
-40/40 (15 s for the whole test on a shared 2-core machine); a model saying "even." to everything would score
-about half. (A phrasing never seen in finetuning is not asked: there the adapted model is near chance.)
+40/40; a model saying "even." to everything would score about half. (A phrasing never seen in finetuning is not asked: there the adapted model is near chance.)
 
 Why parity and not the demo's addition: the output layer (tied embeddings, final norm) of a briefly pretrained
 model is weak (embedding norms ~0.2-0.4, so a unit-RMS hidden state reaches a logit of at most ~2-4, against
