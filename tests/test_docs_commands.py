@@ -15,6 +15,9 @@ tiny random models with a 300-token byte-level BPE tokenizer, and small data fil
     The tiny recipe keeps its batch sizes.
   - `qwen15 demo` runs with `--quick` (the full demo takes minutes; test_demo.py runs the same stages).
   - placeholders DATASET, TOKENIZER_DIR and CKPT name stand-ins.
+  - client examples (curl, the openai package) of a document that shows http://127.0.0.1:8000 talk to a
+    `qwen15 serve` of the Qwen1.5-0.5B-Chat stand-in started for that document on a free port (the address in the
+    examples is replaced by the server's).
   - `qwen15 serve` (also under torchrun) starts as a subprocess on a free port (the docs' --port is replaced, a GPU-sized
     --kv-cache-memory becomes 64MiB); it counts as run when its /v1/models answers; then it is stopped.
 docs/migrate.md is run by test_migrate_doc.py, on the MindSpore fixtures. Not run here: installation lines (.ci/run runs them on a fresh machine), `pytest` (this suite), and commands for
@@ -33,6 +36,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -272,10 +276,41 @@ def serve(words: list[str], cwd: Path) -> tuple[int, str]:
             proc.wait()
 
 
+@contextlib.contextmanager
+def client_server(text: str, cwd: Path):
+    """For a document whose client examples talk to http://127.0.0.1:8000: a `qwen15 serve` of Qwen1.5-0.5B-Chat on a
+    free port while its commands and Python blocks run; yields the replacement of "127.0.0.1:8000" (or None)."""
+    if "127.0.0.1:8000" not in text:
+        yield None
+        return
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen15.cli", "serve", "--model", "Qwen1.5-0.5B-Chat", "--port", "0"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stderr:
+            m = re.search(r"on http://(\S+) ", line)
+            if m:
+                threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
+                yield m.group(1)
+                return
+        raise AssertionError("the server for the client examples did not start")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def run(words: list[str], stdin: str | None, cwd: Path) -> tuple[int, str]:
     """In this process for `qwen15 ...` (through qwen15.cli.main), as a subprocess for torchrun and serve."""
     if "serve" in words[:2] or words[:1] == ["torchrun"] and "serve" in words:
         return serve(words, cwd)
+    if words[0] == "curl":
+        proc = subprocess.run(["curl", "-sS", "--fail", "--max-time", "120", *words[1:]], cwd=cwd,
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        return proc.returncode, proc.stdout + proc.stderr
     if words[0] == "torchrun":
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", *words[1:]],
@@ -330,16 +365,18 @@ def test_the_commands_of_each_document_run(world, doc):
         if file == doc:
             assert prose in text, f"{doc} no longer says {prose}: update INLINE"
             commands.append((f"{doc} (prose)", command))
-    failures = _run_all(commands, world)
-    for line, code in python_blocks(text):
-        old = os.getcwd()
-        os.chdir(world)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": "__docs__"})
-            print(f"\nran {doc}:{line} (python)")
-        except Exception as e:  # a failing example is reported with the others
-            failures.append(f"{doc}:{line} (python): {type(e).__name__}: {e}")
-        finally:
-            os.chdir(old)
+    with client_server(text, world) as hostport:
+        here = (lambda t: t.replace("127.0.0.1:8000", hostport)) if hostport else (lambda t: t)
+        failures = _run_all([(where, here(c)) for where, c in commands], world)
+        for line, code in python_blocks(text):
+            old = os.getcwd()
+            os.chdir(world)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    exec(compile(here(code), f"{doc}:{line}", "exec"), {"__name__": "__docs__"})
+                print(f"\nran {doc}:{line} (python)")
+            except Exception as e:  # a failing example is reported with the others
+                failures.append(f"{doc}:{line} (python): {type(e).__name__}: {e}")
+            finally:
+                os.chdir(old)
     assert not failures, "\n".join(failures)

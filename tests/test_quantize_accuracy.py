@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from train_helpers import deterministic
 
 from qwen15 import Qwen
 from qwen15.generation import generate
@@ -39,6 +40,13 @@ def trained(tokenizer):
     model = Qwen.from_config(cfg, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
+    with deterministic():  # the same model in every process, whatever thread count earlier tests left
+        loss = _train(model, opt, train, g)
+    print(f"trained tiny model: last loss {loss:.3f}")
+    return model.eval().to(torch.bfloat16), held
+
+
+def _train(model, opt, train, g) -> float:
     for _ in range(60):
         starts = torch.randint(0, len(train) - 65, (8,), generator=g)
         batch = torch.stack([train[i : i + 65] for i in starts])
@@ -46,8 +54,7 @@ def trained(tokenizer):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    print(f"trained tiny model: last loss {loss.item():.3f}")
-    return model.eval().to(torch.bfloat16), held
+    return loss.item()
 
 
 def _measure(model, held):
@@ -92,4 +99,12 @@ def test_quantized_perplexity_and_greedy_tokens_stay_close_to_bf16(
     assert ref_ppl < 400  # the model learned something (a uniform guess is 2048)
     assert abs(change) <= max_ppl_change and abs(kernel_change) <= max_ppl_change
     assert agree >= min_agreement
-    assert sum(r[0] == o[0] for r, o in zip(ref_tokens, tokens)) >= 7  # first tokens: 7 of 8 at least
+    # First tokens: equal, except where bf16 itself had a tie (its two candidates within two bf16 rounding
+    # steps of each other: the model is small and briefly trained, so such ties occur)
+    prompts = torch.stack([held[i * 97 : i * 97 + 16] for i in range(8)])
+    with torch.no_grad():
+        logits = bf16(prompts)[:, -1].float()
+    for i, (r, o) in enumerate(zip(ref_tokens, tokens)):
+        gap = float(logits[i, r[0]] - logits[i, o[0]])
+        two_steps = 2 * 2.0 ** (torch.floor(torch.log2(logits[i, r[0]].abs())).item() - 7)
+        assert gap <= two_steps, f"prompt {i}: first token {o[0]} where bf16 chose {r[0]} by {gap:.3f}"

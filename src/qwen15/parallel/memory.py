@@ -370,9 +370,9 @@ def estimate_lora_memory(
     mask_bytes: int = 1,
 ) -> MemoryEstimate:
     """Per-GPU memory of LoRA training (`spec`, a qwen15.lora.LoRASpec; parallel.pp 1). base_dtype: bfloat16 or
-    float32 for the frozen weights, or int8 (the block projections int8 with a scale per row in the compute
-    dtype; the embedding, norms and output layer in the compute dtype). Adapters, their gradients and AdamW's
-    moments are fp32. Transient as for full training under FSDP2 (unsharded blocks and adapter gradients), plus
+    float32 for the frozen weights, or int8 (the block projections int8 with an fp32 scale per row; the
+    embedding, norms and output layer in the compute dtype). Adapters, their gradients and AdamW's moments are
+    fp32. Transient as for full training under FSDP2 (unsharded blocks and adapter gradients), plus
     one dequantized projection at a time with an int8 base. mask_bytes: see lora_layer_activation_bytes."""
     if world_size is not None or layout.dp_shard == -1:
         layout = layout.validate(world_size if world_size is not None else layout.num_ranks(), config)
@@ -400,7 +400,7 @@ def estimate_lora_memory(
     for name in base:
         if int8 and projection(name):
             rows = base[name][0][0] // (tp if base[name][1] == 0 else 1)
-            params += numel(base, name) + rows * cbytes  # int8 weight and its scales
+            params += numel(base, name) + rows * 4  # int8 weight and its fp32 scales
         else:
             params += numel(base, name) * base_bytes
     adapter_numel = sum(numel(adapters, n) for n in adapters)
