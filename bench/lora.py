@@ -9,7 +9,7 @@ speed: the same shape, batch and work per step on both sides (forward, token-mea
   clip to norm 1.0, AdamW over the adapters; rank 16, alpha 32, every projection, no dropout), in one process,
   interleaved so that the noise of a shared machine hits both alike; median tokens/s and their ratio. Ours is the
   real `Trainer.train_step` of a lora run (frozen base, fp32 adapters).
-memory: each of (LoRA, full finetune) in its own process: the peak resident memory of a few trainer steps
+memory: each of (LoRA, full finetune) in its own process: the peak resident memory (VmHWM) of a few trainer steps
   above the process's size before the model was built (CPU), or torch's peak allocation (GPU); their ratio.
 int8: the same LoRA finetune (the demo's addition task on a briefly pretrained demo-sized model, bf16 compute)
   with the base in bf16 and in int8: both loss curves, and the base's bytes.
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,10 +124,19 @@ def speed(case: str, reps: int, tmp: Path) -> dict:
     return row
 
 
+def _status_bytes(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc: unlike getrusage's ru_maxrss, which a child keeps
+    from its parent across fork + exec, the high-water mark starts with the process's own memory."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
 def memory_child(case: str, lora: bool, steps: int) -> dict:
     """Run in a fresh process: peak memory of `steps` trainer steps above the size before the model."""
     with tempfile.TemporaryDirectory() as tmp:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = _status_bytes("VmRSS")
         trainer, b = trainer_for(case, Path(tmp), lora)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -137,7 +145,7 @@ def memory_child(case: str, lora: bool, steps: int) -> dict:
         if trainer.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            peak = _status_bytes("VmHWM") - before
         trainer.close()
     return {"case": case, "lora": lora, "peak_bytes": peak}
 
