@@ -27,6 +27,7 @@ UPPER = (
     "qwen15.commands",
     "qwen15.demo",
     "qwen15.mindspore",
+    "qwen15.serve",
 )
 
 
