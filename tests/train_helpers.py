@@ -158,17 +158,20 @@ def _reference_training(data: Path, steps: int | None, model, **changes) -> Refe
     return Reference(losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, initial)
 
 
-# Tolerances of a trainer run against the reference loop, set from the differences measured over 20 repeated
-# runs of every equivalence test (tests/repeat_equivalence.py; 17 comparisons, every one giving the same result in
-# every run, on both sides). The only differences are fp32 summation orders (micro-batches accumulated, gradients
+# Tolerances of a trainer run against the reference loop, set from the differences measured over repeated runs of
+# every equivalence test in fresh processes (tests/repeat_equivalence.py; the first loop, 14 runs on a busy machine:
+# 17 comparisons, each giving one result per side in every run). The only differences are fp32 summation orders (micro-batches accumulated, gradients
 # reduced across ranks, row-parallel partial sums): losses differed by <= 2.5e-7 relative, the update (final -
-# initial weights, over all tensors) by <= 3.8e-5 relative to the reference update, one weight by <= 5.1e-5. The
-# update is the sensitive check: weight decay alone is 0.3% of it, while the largest difference of one weight
-# (Adam's 1/sqrt(v) magnifies the rounding of near-zero gradients up to a fraction of one lr step) cannot tell a
-# missing decay from noise (test_train_mutations.py: 8.3e-5 without decay).
+# initial weights, over all tensors) by <= 3.8e-5 relative to the reference update, one weight by <= 5.1e-5. A
+# second 20-run loop on a quiet machine (2026-12-01) found the trainer side (2 threads; the oracle runs on 1)
+# taking another summation order in about 1 of 10 fresh processes: the update then differed by <= 5.9e-5, one
+# weight by 1.24e-4, hence the weight bound of 2.5e-4. The update is the sensitive check: weight decay alone is
+# 0.3% of it, while the largest difference of one weight (Adam's 1/sqrt(v) magnifies the rounding of near-zero
+# gradients up to a fraction of one lr step) cannot tell a missing decay from noise (test_train_mutations.py:
+# 8.3e-5 without decay).
 LOSS_RTOL = 1e-6
 UPDATE_RTOL = 5e-4
-WEIGHT_ATOL = 1e-4
+WEIGHT_ATOL = 2.5e-4
 
 
 def differences(losses: list[float], weights: dict[str, torch.Tensor], ref: Reference) -> dict[str, float]:
