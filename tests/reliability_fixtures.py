@@ -47,6 +47,18 @@ def save_model(folder: Path, tok, *, vocab_size: int | None = None, max_position
     return model
 
 
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes (to show that a command left them as they were)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def artifacts(root: Path, rows: int = 40) -> dict:
+    """A tokenizer folder, its size and a dataset of its ids (`rows` rows) under `root`."""
+    tok = tokenizer()
+    tok.save_pretrained(root / "tok")
+    return {"root": root, "tok": root / "tok", "vocab": len(tok), "data": dataset(root / "data", tok, n=rows)}
+
+
 def dataset(folder: Path, tok, seq: int = 16, n: int = 40) -> Path:
     from qwen15.data.writer import write_documents
 

@@ -22,21 +22,9 @@ from qwen15.cli import main
 pytestmark = pytest.mark.slow
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill")
-    tok = fx.tokenizer()
-    tok.save_pretrained(root / "tok")
-    return {
-        "root": root,
-        "tok": root / "tok",
-        "vocab": len(tok),
-        "data": fx.dataset(root / "data", tok, n=200),
-    }
+    return fx.artifacts(tmp_path_factory.mktemp("kill"), rows=200)
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -122,9 +110,9 @@ def test_preprocess_killed_leaves_the_old_output_and_the_next_run_cleans_up(art,
     small = tmp_path / "small.txt"
     small.write_text(fx.TEXTS[0] * 4)
     assert main([*pre[:5], str(small), *pre[6:]]) == 0  # an earlier output, to be replaced with --overwrite
-    before = tree(out)
+    before = fx.tree(out)
     kill_when(start([*pre, "--overwrite"]), lambda: any(tmp_path.glob(".ds.*.partial/tokens.npy")))
-    assert tree(out) == before  # the old output is whole
+    assert fx.tree(out) == before  # the old output is whole
     leftovers = list(tmp_path.glob(".ds.*.partial"))
     assert len(leftovers) == 1
     assert main([*pre, "--overwrite"]) == 0
@@ -148,5 +136,5 @@ def test_convert_killed_leaves_nothing_in_sight_and_the_next_run_cleans_up(art, 
     assert not list(tmp_path.glob(".hf.*"))
     fresh = tmp_path / "fresh"
     assert main([*conv[:4], str(fresh), *conv[5:]]) == 0
-    files = lambda f: {k: v for k, v in tree(f).items() if k != ".qwen15-output.json"}  # noqa: E731
+    files = lambda f: {k: v for k, v in fx.tree(f).items() if k != ".qwen15-output.json"}  # noqa: E731
     assert files(out) == files(fresh)

@@ -63,15 +63,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nodes")
-    tok = fx.tokenizer()
-    tok.save_pretrained(root / "tok")
-    return {
-        "root": root,
-        "tok": root / "tok",
-        "vocab": len(tok),
-        "data": fx.dataset(root / "data", tok, n=80),
-    }
+    return fx.artifacts(tmp_path_factory.mktemp("nodes"), rows=80)
 
 
 def losses(run: Path) -> list[float]:

@@ -23,23 +23,15 @@ import torch
 from qwen15.cli import main
 
 
-def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     """A tokenizer, a dataset of its ids and a model folder of its vocabulary (built once for the module)."""
     root = tmp_path_factory.mktemp("rel")
-    tok = fx.tokenizer()
-    tok.save_pretrained(root / "tok")
-    return {
-        "root": root,
-        "tok": root / "tok",
-        "vocab": len(tok),
-        "data": fx.dataset(root / "data", tok),
-        "model_long": (fx.save_model(root / "model_long", tok, max_positions=256), root / "model_long")[1],
-    }
+    from qwen15 import Tokenizer
+
+    art = fx.artifacts(root)
+    fx.save_model(root / "model_long", Tokenizer.from_pretrained(art["tok"]), max_positions=256)
+    return {**art, "model_long": root / "model_long"}
 
 
 def train_args(art, run: Path, **changes) -> list[str]:
@@ -64,12 +56,12 @@ def test_from_tiktoken_needs_overwrite_and_refuses_empty_or_malformed_rank_files
     ranks = fx.rank_file(tmp_path / "r.tiktoken")
     out = tmp_path / "tok"
     assert main(["tokenizer", "from-tiktoken", str(ranks), str(out)]) == 0
-    before = tree(out)
+    before = fx.tree(out)
     fx.rank_file(ranks, n_merges=3)  # another vocabulary
     assert main(["tokenizer", "from-tiktoken", str(ranks), str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and tree(out) == before
+    assert "--overwrite" in capsys.readouterr().err and fx.tree(out) == before
     assert main(["tokenizer", "from-tiktoken", str(ranks), str(out), "--overwrite"]) == 0
-    assert tree(out) != before and len(json.loads((out / "vocab.json").read_text())) == 259
+    assert fx.tree(out) != before and len(json.loads((out / "vocab.json").read_text())) == 259
     for content in ("", "\n\n", "YQ== 0\n", "YQ== zero\n"):
         (tmp_path / "bad.tiktoken").write_text(content)
         assert main(["tokenizer", "from-tiktoken", str(tmp_path / "bad.tiktoken"), str(tmp_path / "t2")]) == 2
@@ -82,13 +74,13 @@ def test_from_tiktoken_needs_overwrite_and_refuses_empty_or_malformed_rank_files
 def test_overwrite_never_deletes_an_input_or_a_folder_qwen15_did_not_write(art, tmp_path, capsys):
     run = tmp_path / "RUN"
     assert main(train_args(art, run)) == 0
-    kept = tree(run)
+    kept = fx.tree(run)
     # the issue's command: the export would have replaced RUN, checkpoints and all
     assert (
         main(["convert", "--to", "hf", str(run / "checkpoints" / "step-00000002"), str(run), "--overwrite"])
         == 2
     )
-    assert "holds this command's input" in capsys.readouterr().err and tree(run) == kept
+    assert "holds this command's input" in capsys.readouterr().err and fx.tree(run) == kept
     data = tmp_path / "D"
     data.mkdir()
     (data / "raw.jsonl").write_text(
@@ -96,7 +88,7 @@ def test_overwrite_never_deletes_an_input_or_a_folder_qwen15_did_not_write(art, 
         + "\n"
     )
     (data / "unrelated.txt").write_text("mine\n")
-    before = tree(data)
+    before = fx.tree(data)
     pre = [
         "data",
         "preprocess",
@@ -109,7 +101,7 @@ def test_overwrite_never_deletes_an_input_or_a_folder_qwen15_did_not_write(art, 
         "--quiet",
     ]
     assert main([*pre, "--input", str(data / "raw.jsonl"), "--output", str(data), "--overwrite"]) == 2
-    assert "holds this command's input" in capsys.readouterr().err and tree(data) == before
+    assert "holds this command's input" in capsys.readouterr().err and fx.tree(data) == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work\n")
     assert (
@@ -212,7 +204,7 @@ def test_a_second_training_on_a_busy_run_directory_is_refused(art, tmp_path):
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read()
         os.kill(first.pid, signal.SIGSTOP)
-        before = tree(run)
+        before = fx.tree(run)
         second = subprocess.run(
             [sys.executable, "-m", "qwen15.cli", *train_args(art, run)],
             capture_output=True,
@@ -221,7 +213,7 @@ def test_a_second_training_on_a_busy_run_directory_is_refused(art, tmp_path):
         )
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr, second.stderr
-        assert "in use by another training" in second.stderr and tree(run) == before
+        assert "in use by another training" in second.stderr and fx.tree(run) == before
     finally:
         first.kill()
         first.wait()
