@@ -180,7 +180,12 @@ def load_draft(args: argparse.Namespace, model, tokenizer):
             "--draft-model does not combine with tensor parallel (torchrun); use one or the other"
         )
     weight = next(p for p in model.parameters() if p.is_floating_point())
-    draft = Qwen.from_pretrained(args.draft_model, dtype=weight.dtype, device=weight.device)
+    try:
+        draft = Qwen.from_pretrained(args.draft_model, dtype=weight.dtype, device=weight.device)
+    except UserError as e:
+        raise type(e)(
+            f"--draft-model {args.draft_model}: {str(e).removeprefix(f'{args.draft_model}: ')}"
+        ) from None
     try:
         theirs = Tokenizer.from_pretrained(args.draft_model)
     except UserError:
