@@ -8,7 +8,9 @@ base (QLoRA-like) against a bf16 one.
 speed: the same shape, batch and work per step on both sides (forward, token-mean cross-entropy, backward,
   clip to norm 1.0, AdamW over the adapters; rank 16, alpha 32, every projection, no dropout), in one process,
   interleaved so that the noise of a shared machine hits both alike; median tokens/s and their ratio. Ours is the
-  real `Trainer.train_step` of a lora run (frozen base, fp32 adapters).
+  real `Trainer.train_step` of a lora run (frozen base, fp32 adapters). The plain CPU cases compute in fp32 on
+  both sides; the -bf16 cases (and CUDA) in the LoRA recipes' regime, a bf16 frozen base and bf16 compute, against
+  the faster of transformers + PEFT with its bf16 base as loaded and the same under torch.autocast.
 memory: each of (LoRA, full finetune) in its own process: the peak resident memory (VmHWM) of a few trainer steps
   above the process's size before the model was built (CPU), or torch's peak allocation (GPU); their ratio.
 int8: the same LoRA finetune (the demo's addition task on a briefly pretrained demo-sized model, bf16 compute)
@@ -33,6 +35,9 @@ CASES = {
     # name: (preset, layers override, batch, seq, device, dtype)
     "cpu-tiny": ("tiny", None, 4, 128, "cpu", "float32"),
     "cpu-0.5b-2layers": ("qwen1.5-0.5b", 2, 1, 256, "cpu", "float32"),
+    # The LoRA recipes' regime: a bf16 frozen base, bf16 compute, fp32 adapters.
+    "cpu-tiny-bf16": ("tiny", None, 4, 128, "cpu", "bfloat16"),
+    "cpu-0.5b-2layers-bf16": ("qwen1.5-0.5b", 2, 1, 256, "cpu", "bfloat16"),
     "cuda-7b": ("qwen1.5-7b", None, 1, 4096, "cuda", "bfloat16"),
 }
 LORA = ["--lora.r", "16", "--lora.alpha", "32"]
@@ -57,19 +62,21 @@ def trainer_for(case: str, tmp: Path, lora: bool):
     if device == "cuda":
         args += ["--train.compile", "true", "--train.activation_checkpointing", "false"]
     if lora:
-        args += LORA
+        args += LORA + (["--lora.base_dtype", "bfloat16"] if dtype == "bfloat16" else [])
     trainer = Trainer(load_config(None, args), echo=lambda m: None)
     return trainer, trainer.dataset.batch(list(range(batch)))
 
 
-def peft_reference(trainer, b):
-    """transformers' Qwen2ForCausalLM of the same shape with PEFT adapters of the same rank and targets."""
+def peft_reference(trainer, b, autocast: bool = False):
+    """transformers' Qwen2ForCausalLM of the same shape with PEFT adapters of the same rank and targets, in the
+    trainer's dtype (bf16: the base in bf16, as transformers loads a Qwen1.5 checkpoint, and PEFT's adapters in
+    fp32; with `autocast`, under torch.autocast as our trainer runs)."""
     from decode import hf_config_dict
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     device = trainer.device
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = trainer.compute_dtype
     config = Qwen2Config(**hf_config_dict(trainer.model_config), attn_implementation="sdpa")
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype)
@@ -83,7 +90,8 @@ def peft_reference(trainer, b):
     ids = b["input_ids"].to(device)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.type, dtype, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -109,18 +117,22 @@ def speed(case: str, reps: int, tmp: Path) -> dict:
     def ours():
         trainer.train_step(b)
 
-    ref = peft_reference(trainer, b)
-    for step in (ours, ref, ours, ref):  # warm-up (compile, allocator)
-        step()
-    t_ours, t_ref = [], []
+    refs = {"peft": peft_reference(trainer, b)}
+    if trainer.compute_dtype != torch.float32:  # the faster of PEFT's two ways is the reference
+        refs["peft+autocast"] = peft_reference(trainer, b, autocast=True)
+    steps = {"ours": ours, **refs}
+    for _ in range(2):  # warm-up (compile, allocator)
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
     for _ in range(reps):
-        t_ours.append(timed(ours, trainer.device))
-        t_ref.append(timed(ref, trainer.device))
+        for name, step in steps.items():
+            times[name].append(timed(step, trainer.device))
     tokens = b["input_ids"].numel()
     trainer.close()
-    row = {"case": case, "tokens": tokens, "ours": tokens / statistics.median(t_ours)}
-    row["peft"] = tokens / statistics.median(t_ref)
-    row["ratio"] = row["ours"] / row["peft"]
+    row = {"case": case, "tokens": tokens, **{n: tokens / statistics.median(t) for n, t in times.items()}}
+    row["reference"] = max(refs, key=lambda n: row[n])
+    row["ratio"] = row["ours"] / row[row["reference"]]
     return row
 
 
@@ -229,9 +241,13 @@ def main() -> int:
         for case in cases:
             if "speed" in parts:
                 r = speed(case, args.reps, Path(tmp))
+                peft = " | ".join(
+                    f"transformers+{n.replace('peft', 'PEFT')}+AdamW {r[n]:,.0f} tok/s"
+                    for n in ("peft", "peft+autocast") if n in r
+                )  # fmt: skip
                 print(
-                    f"speed {case}: {r['tokens']} tokens/step | qwen15 LoRA {r['ours']:,.0f} tok/s | "
-                    f"transformers+PEFT+AdamW {r['peft']:,.0f} tok/s | {r['ratio']:.2f}x",
+                    f"speed {case}: {r['tokens']} tokens/step | qwen15 LoRA {r['ours']:,.0f} tok/s | {peft} | "
+                    f"{r['ratio']:.2f}x of {r['reference']}",
                     flush=True,
                 )
             if "memory" in parts:

@@ -194,6 +194,36 @@ def test_compiled_output_loss_equals_eager():
                 assert torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("chunk", [0, 5, 18])
+def test_frozen_output_loss_equals_the_autograd_loss(chunk):
+    """A frozen output layer (LoRA): the loss that computes the hidden states' gradient in its forward gives the
+    autograd loss's value and gradient — fp32 to rounding, bf16 (plain and under autocast) bit for bit — chunked
+    or not, with ignored labels; an upstream gradient scales it."""
+    from qwen15.data.dataset import IGNORE_INDEX
+    from qwen15.train.loss import frozen_output_loss, output_loss
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 300, (2, 9))
+    labels[0, :4] = IGNORE_INDEX
+    targets = torch.tensor(40)  # of the global batch: more than this micro-batch holds
+    for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+        hidden = torch.randn(2, 9, 16, dtype=dtype, requires_grad=True)
+        weight = (torch.randn(300, 16) * 0.5).to(torch.bfloat16 if autocast else dtype)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            want = output_loss(hidden, weight, labels) / targets
+            got = frozen_output_loss(hidden, weight, labels, targets, chunk)
+        (want_grad,) = torch.autograd.grad(want, hidden)
+        (got_grad,) = torch.autograd.grad(got, hidden, retain_graph=True)
+        (tripled,) = torch.autograd.grad(got * 3, hidden)
+        assert torch.equal(tripled, got_grad * 3)
+        assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+        if dtype == torch.float32 and not autocast:
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got_grad, want_grad)
+        assert not torch.equal(got_grad, torch.zeros_like(got_grad))
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 

@@ -373,7 +373,9 @@ def estimate_lora_memory(
     float32 for the frozen weights, or int8 (the block projections int8 with an fp32 scale per row; the
     embedding, norms and output layer in the compute dtype). Adapters, their gradients and AdamW's moments are
     fp32. Transient as for full training under FSDP2 (unsharded blocks and adapter gradients), plus
-    one dequantized projection at a time with an int8 base. mask_bytes: see lora_layer_activation_bytes."""
+    one dequantized projection at a time with an int8 base. mask_bytes: see lora_layer_activation_bytes. The loss
+    is the autograd (or compiled, as in the recipes) one; an uncompiled one-process run uses
+    qwen15.train.loss.frozen_output_loss, which keeps less (the hidden states' gradient, not the softmax)."""
     if world_size is not None or layout.dp_shard == -1:
         layout = layout.validate(world_size if world_size is not None else layout.num_ranks(), config)
     if layout.pp != 1:

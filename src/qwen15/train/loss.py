@@ -74,6 +74,69 @@ def chunked_cross_entropy_sum(
     return total
 
 
+class _FrozenOutputCrossEntropy(torch.autograd.Function):
+    """cross_entropy_sum(hidden @ weight.T, labels) / targets for an output layer that gets no gradient (LoRA):
+    the hidden states' gradient is computed in the forward, a chunk of tokens at a time, so that neither the
+    logits nor their softmax are kept for the backward, and the logits-sized passes of an autograd loss (fp32
+    copy, log-softmax, its backward, the zeroed gradient) shrink to a few per chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, targets, chunk_size):
+        h2, y2 = hidden.flatten(0, -2), labels.flatten()
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(h2.shape, dtype=hidden.dtype, device=hidden.device)
+        scale = 1.0 / targets.clamp(min=1).float()
+        w = weight
+        for start in range(0, h2.shape[0], chunk_size):
+            h, y = h2[start : start + chunk_size], y2[start : start + chunk_size]
+            logits = F.linear(h, w)  # under autocast: in its dtype, as the autograd loss computes them
+            if w.dtype != logits.dtype:  # cast the weight once, not per chunk
+                w = weight.to(logits.dtype)
+            valid = y != IGNORE_INDEX
+            rows = torch.arange(y.shape[0], device=y.device)
+            target = y.clamp(min=0)
+            logp = torch.log_softmax(logits.float(), dim=-1)  # one pass over each row, in cache
+            total = total - torch.where(valid, logp[rows, target], 0.0).sum()
+            probs = logp.exp_()
+            probs[rows, target] -= 1.0
+            probs.mul_((valid * scale)[:, None])  # before the cast, as autograd's gradient: the same bits
+            grad[start : start + chunk_size] = (probs.to(logits.dtype) @ w).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.shape = hidden.shape
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)).view(ctx.shape), None, None, None, None
+
+
+# Without train.loss_chunk_size, the frozen-output loss takes as many tokens per chunk as keep its fp32
+# log-softmax within this many bytes (220 tokens of the 151936-word vocabulary).
+FROZEN_LOSS_CHUNK_BYTES = 128 * 2**20
+
+
+def frozen_output_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """The token-mean loss share of micro_batch_loss for a frozen, unsplit output layer (see
+    _FrozenOutputCrossEntropy)."""
+    chunk_size = chunk_size or max(1, FROZEN_LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
+    return _FrozenOutputCrossEntropy.apply(hidden, weight, labels, targets, chunk_size)
+
+
+def uses_frozen_output_loss(model: nn.Module, compiled: bool) -> bool:
+    """The output layer gets no gradient and is a plain tensor (one process, LoRA), and the loss is not compiled."""
+    head = getattr(model, "lm_head", None)
+    if head is None or compiled:
+        return False
+    return not head.weight.requires_grad and not isinstance(head.weight, DTensor)
+
+
 def micro_batch_loss(
     model: nn.Module,
     batch: dict[str, torch.Tensor | None],
@@ -83,6 +146,9 @@ def micro_batch_loss(
 ) -> torch.Tensor:
     """Forward of one micro-batch and its share of the global token-mean loss (what its backward must see).
     `compiled`: the output projection and cross-entropy run compiled (not for vocabulary-split logits)."""
+    if uses_frozen_output_loss(model, compiled):
+        hidden = model(batch["input_ids"], document_ids=batch["document_ids"], return_hidden=True)
+        return frozen_output_loss(hidden, model.lm_head.weight, batch["labels"], global_targets, chunk_size)
     if chunk_size:
         hidden = model(batch["input_ids"], document_ids=batch["document_ids"], return_hidden=True)
         ce = chunked_cross_entropy_sum(hidden, model.lm_head.weight, batch["labels"], chunk_size, compiled)
