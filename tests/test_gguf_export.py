@@ -224,15 +224,26 @@ def test_same_file_as_llama_cpp_converter(real_folders, shape, tmp_path):
         ours = export(folder, tmp_path / f"ours-{kind}.gguf", kind)
         assert differences(ours, theirs) == [], kind
         if kind != "f32":
-            theirs.unlink(), ours.unlink()
+            theirs.unlink()
+            ours.unlink()
     if not (BIN / "llama-quantize").is_file():
         pytest.skip(f"{BIN / 'llama-quantize'} is absent; f32/f16/bf16/q8_0 matched")
-    # q4_0: llama.cpp's converter does not write it; llama-quantize --pure (every matrix Q4_0) is the reference
-    pure = tmp_path / "theirs-q4_0.gguf"
-    cmd = [str(BIN / "llama-quantize"), "--pure", str(tmp_path / "theirs-f32.gguf"), str(pure), "Q4_0"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    ours = export(folder, tmp_path / "ours-q4_0.gguf", "q4_0")
-    assert differences(ours, pure, same_order=False) == []
+    # q4_0 (which llama.cpp's converter does not write) and q8_0 again, against ggml's own C quantizer:
+    # llama-quantize --pure (every matrix in the type) of the converter's f32 file
+    for kind in ("q4_0", "q8_0"):
+        pure = tmp_path / f"theirs-pure-{kind}.gguf"
+        cmd = [
+            str(BIN / "llama-quantize"),
+            "--pure",
+            str(tmp_path / "theirs-f32.gguf"),
+            str(pure),
+            kind.upper(),
+        ]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        ours = export(folder, tmp_path / f"ours-{kind}.gguf", kind)
+        assert differences(ours, pure, same_order=False) == [], kind
+        pure.unlink()
+        ours.unlink()
 
 
 def test_tensor_type_rule():

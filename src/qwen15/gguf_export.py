@@ -23,7 +23,7 @@ from qwen15.model_config import ModelConfig
 from qwen15.tokenizer import QWEN_SPLIT_PATTERN, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-_BLOCK_BYTES = 64 << 20  # source bytes read, converted and written at a time
+_BLOCK_BYTES = 16 << 20  # source bytes read, converted and written at a time
 
 
 class GGUFExportError(UserError):

@@ -281,6 +281,7 @@ def _gguf(args: argparse.Namespace) -> int:
     comes before the GGUF type's) to a temporary folder beside the output, removed afterwards."""
     import sys
     import tempfile
+    import time
     from pathlib import Path
 
     from qwen15.errors import UserError
@@ -288,6 +289,7 @@ def _gguf(args: argparse.Namespace) -> int:
     from qwen15.train.dcp_checkpoint import CheckpointNotFound, DamagedCheckpoint, resolve_checkpoint
     from qwen15.train.export import export_hf
 
+    start = time.perf_counter()
     source, kind = Path(args.checkpoint), args.gguf_type or "f16"
     out = check_output(args.out_dir, overwrite=args.overwrite, inputs=[source])
     if (source / "config.json").is_file():
@@ -312,7 +314,8 @@ def _gguf(args: argparse.Namespace) -> int:
             s = export_gguf(
                 hf_dir, out, kind, name=name, overwrite=args.overwrite, inputs=[source], quiet=args.quiet
             )
+    seconds = time.perf_counter() - start
     print(
-        f"wrote {s.path} (GGUF {s.gguf_type}, {s.tensors} tensors, {s.bytes / 1e6:,.1f} MB in {s.seconds:.1f} s)"
+        f"wrote {s.path} (GGUF {s.gguf_type}, {s.tensors} tensors, {s.bytes / 1e6:,.1f} MB in {seconds:.1f} s)"
     )
     return 0
