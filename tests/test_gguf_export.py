@@ -438,3 +438,14 @@ def test_llama_cpp_generates_the_same_tokens(real_folders, shape, tmp_path):
     assert theirs[len(ids) :] == ours.token_ids
     assert len(set(ours.token_ids)) > 3  # not one token repeated: the comparison says something
     assert done.stdout.startswith(prompt + ours.text)
+
+
+def test_cli_offers_the_exporter_types():
+    import argparse
+
+    from qwen15.commands import convert
+    from qwen15.gguf_export import GGUF_TYPES
+
+    parser = argparse.ArgumentParser()
+    convert.add_arguments(parser)
+    assert next(a for a in parser._actions if a.dest == "gguf_type").choices == list(GGUF_TYPES)

@@ -22,7 +22,14 @@ from qwen15.hf_folder import TensorEntry, check_names, weight_entries
 from qwen15.model_config import ModelConfig
 from qwen15.tokenizer import QWEN_SPLIT_PATTERN, Tokenizer
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# --gguf-type -> the file type llama.cpp records for it (general.file_type)
+GGUF_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+}
 _BLOCK_BYTES = 16 << 20  # source bytes read, converted and written at a time
 
 
@@ -49,11 +56,12 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
+_RULE = {"flag": "OUT", "looks_ours": is_gguf_file, "what": "GGUF file"}
+
+
 def check_output(out_file: str | os.PathLike, *, overwrite: bool, inputs: Iterable = ()) -> Path:
     """The output rule for OUT.gguf, checked before any work (an existing file: --overwrite, and GGUF only)."""
-    return check_output_file(
-        out_file, overwrite=overwrite, inputs=inputs, flag="OUT", looks_ours=is_gguf_file, what="GGUF file"
-    )
+    return check_output_file(out_file, overwrite=overwrite, inputs=inputs, **_RULE)
 
 
 @dataclass
@@ -270,7 +278,7 @@ def export_gguf(
     if raw_config.get("head_dim") is not None:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[gguf_type]])
+    writer.add_file_type(gguf.LlamaFileType[GGUF_TYPES[gguf_type]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
@@ -279,9 +287,7 @@ def export_gguf(
     writer.add_token_merges(merges)
     special.add_to_gguf(writer, quiet=True)  # bos/eos/pad ids, add_bos flags, chat template: as the converter
     try:
-        with atomic_file(
-            out_file, overwrite=overwrite, inputs=[folder, *inputs], flag="OUT", looks_ours=is_gguf_file
-        ) as tmp:
+        with atomic_file(out_file, overwrite=overwrite, inputs=[folder, *inputs], **_RULE) as tmp:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -291,12 +297,3 @@ def export_gguf(
         bar.close()
     size = Path(out_file).stat().st_size
     return Summary(Path(out_file), gguf_type, len(planned), size, time.perf_counter() - start)
-
-
-_FILE_TYPES = {
-    "f32": "ALL_F32",
-    "f16": "MOSTLY_F16",
-    "bf16": "MOSTLY_BF16",
-    "q8_0": "MOSTLY_Q8_0",
-    "q4_0": "MOSTLY_Q4_0",
-}
