@@ -58,6 +58,7 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
     a2c = ["data", "alpaca-to-chat"]
     train = ["train", *fx.train_overrides(p["data"], new / "run", p["tok"], p["vocab"])]
     conv = ["convert", "--to", "hf"]
+    gguf = ["convert", "--to", "gguf", "--quiet"]
     t2k = ["tokenizer", "from-tiktoken"]
     enc = ["tokenizer", "encode"]
     demo = ["demo", "--quick"]
@@ -434,6 +435,28 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
             ["--max-shard-size"],
         ),  # fmt: skip
         ("conv-model-dir", [*conv, s["model"], str(new / "out")], [s["model"]]),
+        # ------------------------------------------------------------------ convert --to gguf
+        (
+            "gguf-type-unknown",
+            [*gguf, s["model"], str(new / "m.gguf"), "--gguf-type", "q5_k"],
+            ["--gguf-type"],
+        ),
+        ("gguf-type-not-gguf", [*conv, s["ckpt"], str(new / "o"), "--gguf-type", "f16"], ["--gguf-type"]),
+        ("gguf-not-model", [*gguf, s["dir"], str(new / "m.gguf")], [s["dir"], "config.json"]),
+        ("gguf-src-missing", [*gguf, str(new / "src"), str(new / "m.gguf")], [str(new / "src")]),
+        ("gguf-no-weights", [*gguf, s["model_noweights"], str(new / "m.gguf")], [s["model_noweights"]]),
+        ("gguf-truncated", [*gguf, s["model_trunc"], str(new / "m.gguf")], [s["model_trunc"]]),
+        ("gguf-bad-config", [*gguf, s["model_badcfg"], str(new / "m.gguf")], ["config.json"]),
+        ("gguf-shape", [*gguf, s["model_shape"], str(new / "m.gguf")], [s["model_shape"]]),
+        ("gguf-out-exists", [*gguf, s["model"], s["notes"]], [s["notes"], "--overwrite"]),
+        ("gguf-out-not-gguf", [*gguf, s["model"], s["notes"], "--overwrite"], [s["notes"]]),
+        ("gguf-out-is-dir", [*gguf, s["model"], s["userdir"], "--overwrite"], [s["userdir"]]),
+        ("gguf-out-is-input", [*gguf, s["model"], s["model"], "--overwrite"], [s["model"]]),
+        ("gguf-out-unwritable", [*gguf, s["model"], str(locked / "m.gguf")], [str(locked)]),
+        ("gguf-ckpt-damaged", [*gguf, s["ckpt_trunc"], str(new / "m.gguf")], [s["ckpt_trunc"]]),
+        ("gguf-chat-hf", [*gguf, s["model"], str(new / "m.gguf"), "--chat"], ["--chat"]),
+        ("gguf-dtype", [*gguf, s["model"], str(new / "m.gguf"), "--dtype", "float16"], ["--dtype"]),
+        ("gguf-from-ms", [*ms_from, "--to", "gguf", s["notes"], str(new / "m.gguf")], ["--to gguf"]),
         # ------------------------------------------------------------------ LoRA adapters, speculative decoding
         ("gen-adapter-missing", [*gen, "--adapter", str(new / "ad")], ["--adapter", str(new / "ad")]),
         ("gen-adapter-is-file", [*gen, "--adapter", s["notes"]], [s["notes"]]),

@@ -3,7 +3,9 @@
 `--from mindspore CKPT_OR_DIR OUTDIR` and `--to mindspore HF_DIR OUT.ckpt`: MindSpore/MindFormers checkpoints;
 `--from mindspore --to peft`: MindFormers LoRA weights -> PEFT adapter folder (docs/migrate.md);
 `--quantize int8|int4 SOURCE OUTDIR`: a Hugging Face folder (or a training checkpoint) -> a quantized folder that
-generate/chat load without quantizing again (format: qwen15.quantize.saved)."""
+generate/chat load without quantizing again (format: qwen15.quantize.saved);
+`--to gguf SOURCE OUT.gguf --gguf-type f32|f16|bf16|q8_0|q4_0`: the same sources -> one GGUF file for llama.cpp
+(qwen15.gguf_export)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--to",
-        choices=["hf", "peft", "mindspore"],
+        choices=["hf", "peft", "mindspore", "gguf"],
         default="hf",
-        help="output format: hf (Hugging Face model folder, the default), peft (the adapters of a LoRA run) or "
-        "mindspore (a MindFormers .ckpt)",
+        help="output format: hf (Hugging Face model folder, the default), peft (the adapters of a LoRA run), "
+        "mindspore (a MindFormers .ckpt) or gguf (one file for llama.cpp; SOURCE a Hugging Face folder or a "
+        "checkpoint)",
     )
     parser.add_argument(
         "--from",
@@ -56,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[32, 64, 128],
         default=None,
         help="int4 columns per scale (default 64)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+        help="--to gguf: the matrices' type (default f16, as llama.cpp's converter; norms and biases stay f32)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it exists (only a folder qwen15 wrote)"
@@ -113,6 +121,16 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UserError("--chat/--base do not apply to --to peft (an adapter has no generation config)")
     if args.quantize and (args.to != "hf" or args.source != "qwen15"):
         raise UserError("--quantize writes a qwen15 quantized folder; it does not combine with --to/--from")
+    if args.gguf_type and args.to != "gguf":
+        raise UserError("--gguf-type applies to --to gguf only")
+    if args.to == "gguf":
+        if args.source != "qwen15":
+            raise UserError(
+                "--to gguf reads a Hugging Face folder or a qwen15 checkpoint; convert --from mindspore to a "
+                "Hugging Face folder first"
+            )
+        if args.dtype != "auto":
+            raise UserError("--dtype does not apply to --to gguf; --gguf-type sets the type written")
     if args.group_size and args.quantize != "int4":
         raise UserError("--group-size applies to --quantize int4 only")
     if direction == "to" and args.chat is not None:
@@ -125,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         return _quantize(args)
     if args.source == "mindspore" or args.to == "mindspore":
         return _mindspore(args)
+    if args.to == "gguf":
+        return _gguf(args)
     import sys
 
     from qwen15.train.export import export_hf, export_peft
@@ -253,4 +273,49 @@ def _quantize(args: argparse.Namespace) -> int:
                 inputs=[source],
             )
     print(f"wrote {out} ({args.quantize})")
+    return 0
+
+
+def _gguf(args: argparse.Namespace) -> int:
+    """SOURCE is a Hugging Face folder, or a training checkpoint exported first (float32, so that no rounding
+    comes before the GGUF type's) to a temporary folder beside the output, removed afterwards."""
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from qwen15.errors import UserError
+    from qwen15.gguf_export import check_output, export_gguf
+    from qwen15.train.dcp_checkpoint import CheckpointNotFound, DamagedCheckpoint, resolve_checkpoint
+    from qwen15.train.export import export_hf
+
+    start = time.perf_counter()
+    source, kind = Path(args.checkpoint), args.gguf_type or "f16"
+    out = check_output(args.out_dir, overwrite=args.overwrite, inputs=[source])
+    if (source / "config.json").is_file():
+        if args.chat is not None:
+            raise UserError(
+                f"--chat/--base apply to a checkpoint; {source} is a Hugging Face folder, whose config.json and "
+                "tokenizer give the stop ids"
+            )
+        s = export_gguf(source, out, kind, overwrite=args.overwrite, quiet=args.quiet)
+    else:
+        warn = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        try:
+            ckpt = resolve_checkpoint(source, warn)
+        except CheckpointNotFound as e:
+            if isinstance(e, DamagedCheckpoint):
+                raise
+            raise UserError(f"{e}; nor is it a Hugging Face model folder (no config.json)") from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".hf", dir=out.parent) as tmp:
+            hf_dir = export_hf(ckpt, Path(tmp) / "hf", dtype="float32", chat=args.chat, warn=warn)
+            name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
+            s = export_gguf(
+                hf_dir, out, kind, name=name, overwrite=args.overwrite, inputs=[source], quiet=args.quiet
+            )
+    seconds = time.perf_counter() - start
+    print(
+        f"wrote {s.path} (GGUF {s.gguf_type}, {s.tensors} tensors, {s.bytes / 1e6:,.1f} MB in {seconds:.1f} s)"
+    )
     return 0
