@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "| model | phase | data | seq | seed tokens/s/device | seed hardware | here tokens/s/device | here / seed | how |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    mode = "compiled" if args.compile else "eager"
     cache: dict[tuple, float] = {}
     with tempfile.TemporaryDirectory(prefix="qwen15-seed-table.") as tmp:
         for n, row in enumerate(SEED_TABLE):
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if row.phase == "predict":
                 need = predict_gib(config, seq, device)
-                how = f"batch 1, prompt {PROMPT}, {args.new_tokens} new tokens"
+                how = f"batch 1, prompt {PROMPT}, {args.new_tokens} new tokens, {mode}"
                 if need > limit:
                     print(f"{head} skipped (needs {gib(need)} GiB) | | {how} |", flush=True)
                     continue
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{head} skipped (needs {gib(need)} GiB) | | micro-batch 1, one device |", flush=True
                     )
                     continue
-                how = f"micro-batch 1, one device, {describe(setting)}, estimate {gib(need)} GiB"
+                how = f"micro-batch 1, one device, {describe(setting)}, {mode}, estimate {gib(need)} GiB"
                 if args.plan:
                     print(f"{head} not measured (--plan) | | {how} |", flush=True)
                     continue
