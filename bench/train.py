@@ -14,6 +14,7 @@ Each ratio names its baseline.
   python bench/train.py                 # CPU: tiny and a 0.5B-width 2-layer subset; GPU too when one exists
   python bench/train.py --only cpu-tiny --compile-cpu
   python bench/train.py --only cuda-0.5b --packed-only   # packed rows: document mask vs across documents
+  python bench/train.py --only cuda-0.5b --optimizer-only   # the AdamW update alone, fused vs foreach
 On CUDA: 0.5B at seq 4096, micro-batch 2, bf16 — ours as one process trains (fp32 master weights, bf16 autocast)
 with train.compile (the blocks, and the output layer with its cross-entropy), transformers with bf16 parameters
 and AdamW (what ANCHORS.md measured) — with MFU.
@@ -271,6 +272,36 @@ def run_case(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu:
     return row
 
 
+def optimizer_step_times(case: str, reps: int) -> str:
+    """The AdamW update alone over fp32 parameters of the case's model (gradients present): torch's fused and
+    foreach kernels (our trainer builds the fused one), against the time to stream the 7 fp32 arrays it must
+    touch (parameter, gradient and the two moments read; parameter and moments written) at the copy bandwidth."""
+    from decode import memory_bandwidth
+
+    from qwen15 import Qwen
+    from qwen15.model_config import get_preset
+    from qwen15.train.optim import param_groups
+
+    preset, layers, _, _, device = CASES[case]
+    device = torch.device(device)
+    config = get_preset("tiny" if preset == "demo" else preset)
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
+    model = Qwen.from_config(config, device=device, seed=0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    numel = sum(p.numel() for g in param_groups(model, 0.01) for p in g["params"])
+    bound = 7 * 4 * numel / memory_bandwidth(device)
+    parts = [f"{case}: AdamW over {numel / 1e6:,.0f}M fp32 parameters, bandwidth bound {1e3 * bound:.2f} ms"]
+    for kind in ("fused", "foreach"):
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5, betas=(0.9, 0.95), **{kind: True})
+        opt.step()  # creates the moments
+        t = statistics.median(timed(opt.step, device, reps))
+        parts.append(f"{kind} {1e3 * t:.2f} ms ({bound / t:.0%} of the bound)")
+        del opt
+    return ", ".join(parts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,6 +320,9 @@ def main() -> int:
     parser.add_argument(
         "--packed-only", action="store_true", help="only the packed comparison (see --packed)"
     )
+    parser.add_argument(
+        "--optimizer-only", action="store_true", help="only the AdamW update, fused vs foreach"
+    )
     args = parser.parse_args()
     args.packed = args.packed or args.packed_only
     cases = args.only or [c for c in CASES if not c.startswith("cuda") or torch.cuda.is_available()]
@@ -302,6 +336,9 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
+            if args.optimizer_only:
+                print(optimizer_step_times(case, args.reps), flush=True)
+                continue
             if args.packed_only:
                 print(
                     run_packed(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu), flush=True
