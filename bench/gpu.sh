@@ -6,8 +6,8 @@
 # Every ratio is printed against each baseline it names: decode against transformers' eager generate and against
 # its static cache + compiled decode step (--hf-static); training against eager transformers + torch AdamW and
 # against compiled transformers with our fused AdamW. Budget (H200, compile included): check ~3 min, train ~6,
-# decode ~4, decode7b ~5, optim ~1, attention ~3, seed ~8 (not measured yet); the timeouts below stop a section that runs
-# over.
+# decode ~4, decode7b ~5; optim ~1, attention ~3, seed ~8 (guessed, not yet run on a GPU). The timeouts below stop
+# a section that runs over; all of them together exceed a 15-minute lease: name the sections to run.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 log=${OUT:-/tmp}/gpu.log
