@@ -87,22 +87,21 @@ class DocumentSpans:
 
 @torch.compiler.disable  # the spans are host integers: compiling over them would specialise on each row
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: DocumentSpans) -> torch.Tensor:
-    """Causal SDPA over each document span of each row; q, k, v [batch, heads, seq, head_dim]."""
+    """Causal SDPA over each document span of each row; q, k, v [batch, heads, seq, head_dim]. Rows and spans are
+    taken apart with unbind and split, whose backward writes each gradient once (a slice's would zero-fill the
+    whole tensor for every span)."""
     gqa = q.shape[1] != k.shape[1]
     rows = []
-    for r, bounds in enumerate(spans.rows):
+    for (qr, kr, vr), bounds in zip(zip(q.unbind(0), k.unbind(0), v.unbind(0)), spans.rows, strict=True):
+        lengths = [e - a for a, e in bounds]
         parts = [
-            F.scaled_dot_product_attention(
-                q[r : r + 1, :, a:e],
-                k[r : r + 1, :, a:e],
-                v[r : r + 1, :, a:e],
-                is_causal=True,
-                enable_gqa=gqa,
+            F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, enable_gqa=gqa)[0]
+            for qs, ks, vs in zip(
+                qr.split(lengths, 1), kr.split(lengths, 1), vr.split(lengths, 1), strict=True
             )
-            for a, e in bounds
         ]
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows)
 
 
 _compiled_flex = None
