@@ -13,6 +13,8 @@ Each ratio names its baseline.
 
   python bench/train.py                 # CPU: tiny and a 0.5B-width 2-layer subset; GPU too when one exists
   python bench/train.py --only cpu-tiny --compile-cpu
+  python bench/train.py --only cuda-0.5b --packed-only   # packed rows: document mask vs across documents
+  python bench/train.py --only cuda-0.5b --optimizer-only   # the AdamW update alone, fused vs foreach
 On CUDA: 0.5B at seq 4096, micro-batch 2, bf16 — ours as one process trains (fp32 master weights, bf16 autocast)
 with train.compile (the blocks, and the output layer with its cross-entropy), transformers with bf16 parameters
 and AdamW (what ANCHORS.md measured) — with MFU.
@@ -39,7 +41,26 @@ CASES = {
 }
 
 
-def ours(case: str, tmp: Path, compile: bool = True, compile_cpu: bool = False):
+def packed_documents(seq: int, rows: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """Documents of seq/16 to seq/2 tokens, enough to pack `rows` rows of seq tokens (the first token of each carries
+    no loss once packed, as the data pipeline writes them)."""
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < rows * seq * 1.1:
+        n = int(rng.integers(max(2, seq // 16), seq // 2))
+        docs.append((rng.integers(0, vocab, n).tolist(), [True] * n))
+        total += n
+    return docs
+
+
+def ours(
+    case: str,
+    tmp: Path,
+    compile: bool = True,
+    compile_cpu: bool = False,
+    packed: bool = False,
+    document_mask: bool | None = None,
+):
     from qwen15.data.writer import write_documents
     from qwen15.train.config import load_config
     from qwen15.train.trainer import Trainer
@@ -58,17 +79,25 @@ def ours(case: str, tmp: Path, compile: bool = True, compile_cpu: bool = False):
         ):
             shape += [f"--model.{key}", str(value)]
     vocab = 512 if shape else 151643
-    rows = np.random.default_rng(0).integers(0, vocab, (max(batch, 8), seq + 1)).astype(np.uint32)
-    data = write_documents(
-        tmp / case / "data", [(r, [True] * len(r)) for r in rows.tolist()], seq_length=seq, layout="pad"
-    )
+    name = f"{case}-packed-{document_mask}" if packed else case
+    if packed:
+        data = write_documents(
+            tmp / name / "data", packed_documents(seq, max(batch, 8), vocab), seq_length=seq
+        )
+    else:
+        rows = np.random.default_rng(0).integers(0, vocab, (max(batch, 8), seq + 1)).astype(np.uint32)
+        data = write_documents(
+            tmp / name / "data", [(r, [True] * len(r)) for r in rows.tolist()], seq_length=seq, layout="pad"
+        )
     args = [
         "--model.preset",
         preset,
         "--data.path",
         str(data),
         "--train.run_dir",
-        str(tmp / case / "run"),
+        str(tmp / name / "run"),
+        "--train.document_mask",
+        "null" if document_mask is None else str(document_mask).lower(),
         "--train.global_batch_size",
         str(batch),
         "--train.micro_batch_size",
@@ -170,6 +199,34 @@ def timed(step, device, reps: int) -> list[float]:
     return out
 
 
+def run_packed(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu: bool = False) -> str:
+    """Packed rows: ours keeping attention inside each document (FlexAttention on CUDA, spans of SDPA on CPU)
+    against ours attending across them (plain causal SDPA) on the same rows, interleaved."""
+    sides = {}
+    for mask in (None, False):
+        trainer, step, b = ours(case, tmp, compile, compile_cpu, packed=True, document_mask=mask)
+        sides["document mask" if mask is None else "across documents"] = (trainer, step)
+    device = next(iter(sides.values()))[0].device
+    for _ in range(2):
+        for _, step in sides.values():
+            step()
+    times = {name: [] for name in sides}
+    for _ in range(reps):
+        for name, (_, step) in sides.items():
+            times[name] += timed(step, device, 1)
+    tokens = b["input_ids"].numel()
+    docs = int((b["document_ids"][:, 1:] != b["document_ids"][:, :-1]).sum()) + len(b["document_ids"])
+    tps = {name: tokens / statistics.median(t) for name, t in times.items()}
+    for trainer, _ in sides.values():
+        trainer.close()
+    backend = next(iter(sides.values()))[0].document_backend
+    return (
+        f"{case} packed ({docs} documents in {len(b['input_ids'])} rows): document mask ({backend}) "
+        f"{tps['document mask']:,.0f} tok/s, across documents {tps['across documents']:,.0f} tok/s, ratio "
+        f"{tps['document mask'] / tps['across documents']:.2f}x"
+    )
+
+
 def run_case(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu: bool = False) -> dict:
     from qwen15.train.metrics import flops_per_token, peak_tflops
 
@@ -215,6 +272,36 @@ def run_case(case: str, reps: int, tmp: Path, compile: bool = True, compile_cpu:
     return row
 
 
+def optimizer_step_times(case: str, reps: int) -> str:
+    """The AdamW update alone over fp32 parameters of the case's model (gradients present): torch's fused and
+    foreach kernels (our trainer builds the fused one), against the time to stream the 7 fp32 arrays it must
+    touch (parameter, gradient and the two moments read; parameter and moments written) at the copy bandwidth."""
+    from decode import memory_bandwidth
+
+    from qwen15 import Qwen
+    from qwen15.model_config import get_preset
+    from qwen15.train.optim import param_groups
+
+    preset, layers, _, _, device = CASES[case]
+    device = torch.device(device)
+    config = get_preset("tiny" if preset == "demo" else preset)
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
+    model = Qwen.from_config(config, device=device, seed=0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    numel = sum(p.numel() for g in param_groups(model, 0.01) for p in g["params"])
+    bound = 7 * 4 * numel / memory_bandwidth(device)
+    parts = [f"{case}: AdamW over {numel / 1e6:,.0f}M fp32 parameters, bandwidth bound {1e3 * bound:.2f} ms"]
+    for kind in ("fused", "foreach"):
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5, betas=(0.9, 0.95), **{kind: True})
+        opt.step()  # creates the moments
+        t = statistics.median(timed(opt.step, device, reps))
+        parts.append(f"{kind} {1e3 * t:.2f} ms ({bound / t:.0%} of the bound)")
+        del opt
+    return ", ".join(parts)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,7 +312,19 @@ def main() -> int:
     parser.add_argument(
         "--compile-cpu", action="store_true", help="CPU cases: ours with train.compile (blocks and loss)"
     )
+    parser.add_argument(
+        "--packed",
+        action="store_true",
+        help="also: packed rows with document masking against the same rows attended across documents",
+    )
+    parser.add_argument(
+        "--packed-only", action="store_true", help="only the packed comparison (see --packed)"
+    )
+    parser.add_argument(
+        "--optimizer-only", action="store_true", help="only the AdamW update, fused vs foreach"
+    )
     args = parser.parse_args()
+    args.packed = args.packed or args.packed_only
     cases = args.only or [c for c in CASES if not c.startswith("cuda") or torch.cuda.is_available()]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
@@ -237,6 +336,14 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
+            if args.optimizer_only:
+                print(optimizer_step_times(case, args.reps), flush=True)
+                continue
+            if args.packed_only:
+                print(
+                    run_packed(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu), flush=True
+                )
+                continue
             r = run_case(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu)
             parts = [f"{case}: {r['tokens']} tokens/step", f"qwen15 {r['tok_s']['ours']:,.0f} tok/s"]
             for name, label in names.items():
@@ -252,6 +359,10 @@ def main() -> int:
                     f"{k} {v:.1f}" for k, v in r["peak_gib"].items()
                 )
             print(line, flush=True)
+            if args.packed:
+                print(
+                    run_packed(case, args.reps, Path(tmp), not args.no_compile, args.compile_cpu), flush=True
+                )
     if not torch.cuda.is_available():
         print("no GPU here: the CUDA case (0.5B, seq 4096, bf16) was not measured")
     return 0

@@ -31,7 +31,8 @@ from train_helpers import (
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_data_parallel_equals_one_process(tmp_path, world):
     """Global batch 8, micro-batch 2: 2 processes accumulate 2 micro-batches each, 4 processes one each; pad and
-    pack layouts (pack with the chunked loss)."""
+    pack layouts (pack with the chunked loss, and with selective activation checkpointing under FSDP2: the
+    documents reach the recomputation)."""
     pad = make_dataset(tmp_path / "pad", "pad")
     pack = make_dataset(tmp_path / "pack", "pack")
     results = train_in_processes(
@@ -39,10 +40,13 @@ def test_data_parallel_equals_one_process(tmp_path, world):
         [
             overrides(pad, tmp_path / "run-pad"),
             overrides(pack, tmp_path / "run-pack", train__loss_chunk_size=7),
+            overrides(pack, tmp_path / "run-selective", train__activation_checkpointing="selective"),
         ],
     )
     assert_run_matches_reference(results[0], reference_training(pad))
-    assert_run_matches_reference(results[1], reference_training(pack))
+    pack_reference = reference_training(pack)
+    assert_run_matches_reference(results[1], pack_reference)
+    assert_run_matches_reference(results[2], pack_reference)
 
 
 def test_resume_with_another_process_count_reshards_and_continues_the_data(tmp_path):

@@ -107,7 +107,7 @@ def layer_activation_bytes(
     compute_bytes: int,
     tp: int = 1,
     sequence_parallel: bool = True,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     autocast: bool = False,
 ) -> int:
     """Bytes one transformer layer keeps for backward for `tokens` tokens (micro-batch x sequence).
@@ -120,14 +120,23 @@ def layer_activation_bytes(
     - the MLP keeps gate, silu(gate), up and their product: 4 x intermediate x B / tp.
     Under autocast the residual stream and the norms are fp32 (h x 8 per norm) and each of q/k/v/gate/up keeps
     its own bf16 cast of its input (5 x h x B). With activation checkpointing a layer keeps only its input (h x B,
-    fp32 under autocast; split with sp).
+    fp32 under autocast; split with sp). Selective checkpointing ("selective") keeps the input and what its policy
+    saves (qwen15.parallel.parallelize): the outputs of q/k/v ((heads + 2 x kv_heads) x head_dim x B / tp), of
+    attention (heads x head_dim x B / tp and an fp32 log-sum-exp per head), of gate and up (2 x intermediate x B
+    / tp), and of o_proj and down (2 x h x B: before tensor parallel's reduction, the whole sequence); with tp > 1
+    also the collectives' outputs (counted as 2 x h x B; measured for tp 1 only).
     """
     b = compute_bytes
     h = config.hidden_size
     seq_split = tp if sequence_parallel else 1
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if activation_checkpointing == "selective":
+        kept = h * (4 if autocast else b) / seq_split
+        kept += (2 * heads + 2 * kv) * hd * b / tp + heads * 4 / tp
+        kept += 2 * config.intermediate_size * b / tp + 2 * h * b + (2 * h * b if tp > 1 else 0)
+        return int(tokens * kept)
     if activation_checkpointing:
         return tokens * h * (4 if autocast else b) // seq_split
-    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     norms = 2 * h * (4 + (4 if autocast else b)) / seq_split
     inputs = (5 if autocast else 2) * h * b
     attention = (2 * heads + 2 * kv) * hd * b / tp
@@ -141,15 +150,20 @@ def block_backward_bytes(
     compute_bytes: int,
     tp: int = 1,
     sp: bool = True,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     autocast: bool = False,
 ) -> int:
     """The most one block's backward adds to what is kept: the gradients its MLP's backward writes (gate, up and
-    their product: 3 x intermediate), and with activation checkpointing the block's whole recomputed activations."""
+    their product: 3 x intermediate), and with activation checkpointing the block's recomputed activations (with
+    selective checkpointing those it did not keep)."""
     grads = 3 * tokens * config.intermediate_size * compute_bytes // tp
     if not activation_checkpointing:
         return grads
-    return grads + layer_activation_bytes(config, tokens, compute_bytes, tp, sp, False, autocast)
+    whole = layer_activation_bytes(config, tokens, compute_bytes, tp, sp, False, autocast)
+    if activation_checkpointing == "selective":
+        kept = layer_activation_bytes(config, tokens, compute_bytes, tp, sp, "selective", autocast)
+        return grads + max(0, whole - kept)
+    return grads + whole
 
 
 def head_activation_bytes(
@@ -195,7 +209,7 @@ def estimate_memory(
     param_dtype="float32",
     compute_dtype="bfloat16",
     optimizer: str = "adamw",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     world_size: int | None = None,
     pp_rank: int | None = None,
     loss_chunk_size: int = 0,
@@ -316,7 +330,7 @@ def lora_layer_activation_bytes(
     compute_bytes: int,
     tp: int = 1,
     sequence_parallel: bool = True,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     mask_bytes: int = 1,
     first: bool = False,
 ) -> int:
@@ -330,9 +344,13 @@ def lora_layer_activation_bytes(
       mask, the compute dtype's size on CPU), instead of the shared input;
     - each adapter A's output for B's gradient (r per token, whole on every tensor-parallel rank).
     `first`: the first layer, where nothing before trains: its input norm and the dropout of q/k/v keep nothing.
-    With activation checkpointing a layer keeps only its input."""
+    With activation checkpointing a layer keeps only its input; with selective checkpointing what full training's
+    policy keeps (`layer_activation_bytes`) and each adapter A's output (an estimate, not measured)."""
     b, h, i = compute_bytes, config.hidden_size, config.intermediate_size
     seq_split = tp if sequence_parallel else 1
+    if activation_checkpointing == "selective":
+        kept = layer_activation_bytes(config, tokens, b, tp, sequence_parallel, "selective")
+        return kept + tokens * len(spec.target_modules) * spec.r * b
     if activation_checkpointing:
         return tokens * h * b // seq_split
     targets = set(spec.target_modules)
@@ -364,7 +382,7 @@ def estimate_lora_memory(
     seq_len: int,
     base_dtype: str = "bfloat16",
     compute_dtype: str = "bfloat16",
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     world_size: int | None = None,
     loss_chunk_size: int = 0,
     mask_bytes: int = 1,

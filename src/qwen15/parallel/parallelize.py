@@ -12,19 +12,57 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
 
 from qwen15.parallel.layout import ParallelLayout, RunMesh
 from qwen15.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every block in backward: only block inputs are kept between forward and backward."""
+def _saved_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: matrix products, attention and collectives (costly to
+    run again); everything else in a block (norms, rotary, SiLU x up, residual adds) is recomputed."""
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, torch.ops.higher_order.flex_attention}
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    ):
+        ops.add(getattr(aten, name).default)
+    ops |= {c10d.reduce_scatter_tensor.default, c10d.all_gather_into_tensor.default, c10d.all_reduce.default}
+    return ops
+
+
+def _selective_policy(saved: set):
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def selective_context_fn():
+    """Forward and recompute contexts of per-op selective checkpointing (see `_saved_ops`)."""
+    return create_selective_checkpoint_contexts(_selective_policy(_saved_ops()))
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
+    """Recompute blocks in backward. True ("full"): every op of the block, only block inputs are kept between
+    forward and backward; "selective": the outputs of matrix products and attention are kept too and only the
+    cheap elementwise ops (norms, rotary, SiLU x up, residual adds) run again."""
+    if mode not in (True, "full", "selective"):
+        raise ValueError(f"activation checkpointing mode must be true, 'full' or 'selective', got {mode!r}")
+    context_fn = selective_context_fn if mode == "selective" else noop_context_fn
     for block in model.layers.values():
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
         block.forward = forward
 
@@ -74,7 +112,7 @@ def parallelize(
     layout: ParallelLayout,
     *,
     compute_dtype: torch.dtype,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
     compile: bool = False,
 ) -> nn.Module:
     """Everything in order, on a whole model or on one pipeline stage. With tp > 1 the output layer returns
@@ -82,7 +120,8 @@ def parallelize(
     applied when there is more than one data-parallel rank, or when compute is not fp32 on a tensor- or
     pipeline-parallel run (its mixed-precision policy gives bf16 compute over fp32 master weights there). A single
     process trains the plain module, in bf16 under `torch.autocast` (see `uses_autocast`): FSDP2 on one device
-    shards nothing and its per-block hooks cost time."""
+    shards nothing and its per-block hooks cost time. activation_checkpointing: False, True (full) or
+    "selective" (see `apply_activation_checkpointing`)."""
     if layout.tp > 1:
         apply_tensor_parallel(
             model,
@@ -92,7 +131,7 @@ def parallelize(
             vocab_parallel=layout.vocab_parallel,
         )
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     if layout.dp > 1 or (compute_dtype != torch.float32 and (layout.tp > 1 or layout.pp > 1)):

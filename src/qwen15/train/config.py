@@ -63,7 +63,13 @@ class TrainSection:
     micro_batch_size: int = 1  # rows per forward/backward on one rank
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # compute dtype; master weights stay fp32
-    activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
+    # true: recompute each block in backward (memory for time); selective: keep the outputs of the matrix
+    # products and attention, recompute only the elementwise ops (norms, rotary, SiLU x up)
+    activation_checkpointing: Literal[False, True, "selective"] = False
+    # Attention across the documents of a packed row: null = kept inside each document where the dataset records
+    # documents (doc_ids.npy, `--layout pack`), positions restarting; true = the same, and a dataset without
+    # documents is an error; false = attend across documents with positions running on, as the seed's rows do
+    document_mask: bool | None = None
     compile: bool = False  # torch.compile each transformer block, and the output layer with its loss
     loss_chunk_size: int = (
         0  # >0: output projection + cross-entropy this many tokens at a time (long sequences)
@@ -382,6 +388,10 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str) -> None:
     cfg._sources[dotted] = where
 
 
+def _yaml_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
     """`value` as type `hint`, or an error naming the key. Numbers written as text (YAML reads 1e-5 so) are read."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -393,9 +403,9 @@ def coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return coerce(value, inner, key, where)
     if origin is Literal:
-        if value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True
             raise TrainConfigError(
-                f"{where}: {key} must be one of {', '.join(map(str, args))}, got {value!r}"
+                f"{where}: {key} must be one of {', '.join(map(_yaml_text, args))}, got {value!r}"
             )
         return value
     if origin is list:

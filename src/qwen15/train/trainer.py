@@ -40,6 +40,11 @@ from qwen15.train.dcp_checkpoint import (
     set_aside,
     step_of,
 )
+from qwen15.train.document_attention import (
+    apply_document_attention,
+    default_backend,
+    pass_documents_to_blocks,
+)
 from qwen15.train.lineage import config_changes, lineage_of, new_lineage
 from qwen15.train.loss import count_targets, cross_entropy_sum, micro_batch_loss
 from qwen15.train.metrics import (
@@ -195,7 +200,10 @@ class Trainer:
             parts = stage_modules(model, self.layout, self.pp_rank)
         else:
             parts = [model]
+        self.document_mask = self._document_mask()
         for part in parts:
+            if self.document_mask:
+                apply_document_attention(part, self.document_backend)
             parallelize(
                 part,
                 self.mesh,
@@ -204,6 +212,8 @@ class Trainer:
                 activation_checkpointing=cfg.train.activation_checkpointing,
                 compile=cfg.train.compile,
             )
+            if self.document_mask:
+                pass_documents_to_blocks(part)  # outside activation checkpointing: recomputation sees them
             part.to_empty(device=self.device)
             part.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them)
         self.autocast = uses_autocast(parts[0], self.compute_dtype)
@@ -263,6 +273,27 @@ class Trainer:
             f"{gbs} rows x {self.seq_length} tokens per step ({self.accumulation} micro-batch(es) of {mbs} per "
             f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
         )
+        if self.dataset.doc_ids is not None:
+            how = {"flex": "FlexAttention block mask", "spans": "causal attention over each document's span"}
+            self.log(
+                f"packed rows: attention kept inside each document ({how[self.document_backend]}), positions "
+                "restart per document"
+                if self.document_mask
+                else "packed rows: attention across documents (train.document_mask false), positions run on"
+            )
+
+    def _document_mask(self) -> bool:
+        """Whether attention stays inside each document of a packed row (train.document_mask, see its comment)."""
+        wanted, recorded = self.cfg.train.document_mask, self.dataset.doc_ids is not None
+        if wanted and not recorded:
+            raise TrainConfigError(
+                f"{self.cfg.where('train.document_mask')}train.document_mask is true but {self.cfg.data.path} "
+                "records no document boundaries (no doc_ids.npy: its rows run documents together, as the seed's "
+                "pretraining rows do); build packed rows with `qwen15 data preprocess ... --layout pack`, or set "
+                "train.document_mask null or false"
+            )
+        self.document_backend = default_backend(self.device)
+        return recorded and wanted is not False
 
     def _lock_run_dir(self) -> list[RunLock]:
         """Rank 0 takes the lock of the run directory (and of the checkpoint directory when it lies elsewhere)
@@ -587,6 +618,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor | None]) -> dict[str, float]:
         """One optimizer update from this rank's rows of the global batch. Raises TrainingDiverged, leaving the
         weights untouched, when the loss or the gradient norm is not finite."""
+        if not self.document_mask:
+            batch = {**batch, "document_ids": None}  # attend across documents, positions running on
         if self.schedule is not None:
             targets, local = self._pipeline_forward_backward(batch)
         else:
