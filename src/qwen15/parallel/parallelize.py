@@ -16,7 +16,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from qwen15.parallel.layout import ParallelLayout, RunMesh
@@ -57,12 +56,13 @@ def apply_activation_checkpointing(model: nn.Module, mode: bool | str = True) ->
     cheap elementwise ops (norms, rotary, SiLU x up, residual adds) run again."""
     if mode not in (True, "full", "selective"):
         raise ValueError(f"activation checkpointing mode must be true, 'full' or 'selective', got {mode!r}")
-    context_fn = selective_context_fn if mode == "selective" else noop_context_fn
+    # Full checkpointing passes no context_fn: torch.compile cannot trace one given explicitly.
+    options = {"context_fn": selective_context_fn} if mode == "selective" else {}
     for block in model.layers.values():
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **options, **kwargs)
 
         block.forward = forward
 
