@@ -159,6 +159,23 @@ def test_prefix_reuse_from_a_finished_and_from_a_running_sequence(model):
     assert off.stats.reused_tokens == 0
 
 
+def test_new_sequences_take_the_lowest_slots(model):
+    """A decode step computes every row up to the highest busy slot: a lone sequence after others have come and
+    gone decodes in slot 0 (one row), also when its prefix sits in a higher slot (copied down)."""
+    ps = prompts((6, 7, 8), seed=14)
+    engine = Engine(model, num_slots=4, max_len=64)
+    for p in ps:
+        engine.add(p, SequenceParams(max_tokens=3))
+    engine.run_until_idle()
+    follow = ps[2] + [5, 6]
+    (sid,) = engine.add(follow, SequenceParams(max_tokens=4))
+    events = engine.run_until_idle()
+    admitted = {a[0]: a for s in engine.step_log for a in s.get("admitted", [])}
+    assert [admitted[i][1] for i in range(3)] == [0, 1, 2]
+    assert admitted[sid][1:] == [0, 8]  # slot 0, with the 8 tokens of slot 2's prompt copied
+    assert [e.token for e in events if e.token is not None] == alone(model, follow, 4)
+
+
 def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded(model):
     ps = prompts((6, 8, 5), seed=9)
     engine = Engine(model, num_slots=1, max_len=64, max_queue=2)
