@@ -8,8 +8,8 @@ each sending streamed chat requests one after another (ShareGPT prompts from ../
 --prompt-chars), greedy, --max-tokens each, until every stream has sent --requests-per-stream. Reported per
 system and level: output tokens/s over the wall time of the level, and time to first token (request sent to first
 content) at p50 and p99. qwen15 runs with --no-prefix-reuse so that neither reuses prompts across requests.
-Both servers get the same --dtype (default bf16, the dtype Qwen1.5's checkpoints are published in; the random
-model is saved in it too) and the same number of CPU threads (--threads, default torch's choice for this
+Both servers get the same --dtype, given explicitly (default fp32, qwen15's default on CPU; bf16 is the dtype
+Qwen1.5's checkpoints are published in; the random model is saved in it too) and the same number of CPU threads (--threads, default torch's choice for this
 machine, passed to qwen15 as --threads and to transformers serve as OMP_NUM_THREADS), and a warm-up request.
 Where `transformers serve` cannot run, the reference is a loop of sequential `qwen15 generate` calls (one model
 load, then one request at a time through the library).
@@ -39,7 +39,7 @@ SHARED = Path(os.environ.get("QWEN15_SHARED", ROOT.parent / "shared"))
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # ours -> transformers' names
 
 
-def bench_model(folder: Path, layers: int, dtype: str = "bf16") -> Path:
+def bench_model(folder: Path, layers: int, dtype: str = "fp32") -> Path:
     """The 0.5B shape (hidden 1024, 16 heads, tied 151936 vocabulary) with `layers` layers, random weights."""
     import torch
 
@@ -190,7 +190,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=600)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="both servers compute in it")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="both servers compute in it")
     p.add_argument("--threads", type=int, help="CPU threads of each server (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each level per system (the best counts)")
     p.add_argument("--skip-transformers", action="store_true")
