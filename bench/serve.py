@@ -9,8 +9,8 @@ each sending streamed chat requests one after another (ShareGPT prompts from ../
 system and level: output tokens/s over the wall time of the level, and time to first token (request sent to first
 content) at p50 and p99. qwen15 runs with --no-prefix-reuse so that neither reuses prompts across requests.
 Both servers get the same --dtype, given explicitly (default fp32, qwen15's default on CPU; bf16 is the dtype
-Qwen1.5's checkpoints are published in; the random model is saved in it too) and the same number of CPU threads (--threads, default torch's choice for this
-machine, passed to qwen15 as --threads and to transformers serve as OMP_NUM_THREADS), and a warm-up request.
+Qwen1.5's checkpoints are published in; the random model is saved in it too), the same number of CPU threads
+(--threads, default torch's choice here: qwen15's --threads, transformers' OMP_NUM_THREADS) and a warm-up request.
 Where `transformers serve` cannot run, the reference is a loop of sequential `qwen15 generate` calls (one model
 load, then one request at a time through the library).
 """
