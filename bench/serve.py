@@ -8,6 +8,9 @@ each sending streamed chat requests one after another (ShareGPT prompts from ../
 --prompt-chars), greedy, --max-tokens each, until every stream has sent --requests-per-stream. Reported per
 system and level: output tokens/s over the wall time of the level, and time to first token (request sent to first
 content) at p50 and p99. qwen15 runs with --no-prefix-reuse so that neither reuses prompts across requests.
+Both servers get the same --dtype, given explicitly (default fp32, qwen15's default on CPU; bf16 is the dtype
+Qwen1.5's checkpoints are published in; the random model is saved in it too), the same number of CPU threads
+(--threads, default torch's choice here: qwen15's --threads, transformers' OMP_NUM_THREADS) and a warm-up request.
 Where `transformers serve` cannot run, the reference is a loop of sequential `qwen15 generate` calls (one model
 load, then one request at a time through the library).
 """
@@ -33,12 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QWEN15_SHARED", ROOT.parent / "shared"))
 
 
-def bench_model(folder: Path, layers: int) -> Path:
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # ours -> transformers' names
+
+
+def bench_model(folder: Path, layers: int, dtype: str = "fp32") -> Path:
     """The 0.5B shape (hidden 1024, 16 heads, tied 151936 vocabulary) with `layers` layers, random weights."""
+    import torch
+
     from qwen15 import Qwen, Tokenizer, get_preset
 
     cfg = get_preset("qwen1.5-0.5b").replace(num_hidden_layers=layers)
-    Qwen.from_config(cfg, seed=0).save_pretrained(
+    Qwen.from_config(cfg, seed=0, dtype=getattr(torch, DTYPES[dtype])).save_pretrained(
         str(folder),
         tokenizer=Tokenizer.from_pretrained(SHARED / "tokenizer" / "qwen1.5"),
         generation_config={"eos_token_id": [151645, 151643], "do_sample": False},
@@ -142,9 +150,11 @@ def warm(host: str, model: str) -> None:
 
 def sequential_generate(folder: str, prompts: list[str], args) -> list[dict]:
     """The fallback reference: one request at a time through `qwen15 generate`'s library path."""
+    import torch
+
     from qwen15 import Qwen, Tokenizer, generate, prepare_for_inference
 
-    model = prepare_for_inference(Qwen.from_pretrained(folder))
+    model = prepare_for_inference(Qwen.from_pretrained(folder, dtype=getattr(torch, DTYPES[args.dtype])))
     tok = Tokenizer.from_pretrained(folder)
     n = args.requests_per_stream * max(args.streams)
     t, tokens, ttft = time.perf_counter(), 0, []
@@ -180,18 +190,24 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-chars", type=int, default=600)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="both servers compute in it")
+    p.add_argument("--threads", type=int, help="CPU threads of each server (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each level per system (the best counts)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    folder = Path(args.model) if args.model else bench_model(tmp / "qwen1.5-0.5b-4l", args.layers)
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    folder = Path(args.model) if args.model else bench_model(tmp / "qwen1.5-0.5b-4l", args.layers, args.dtype)
     prompts = sharegpt_prompts(args.prompt_chars)
     port = 18431
     cmd = [sys.executable, "-m", "qwen15.cli", "serve", "--model", str(folder), "--port", str(port)]
     cmd += ["--device", args.device, "--max-num-seqs", str(max(args.streams)), "--max-model-len", "1024"]
     cmd += ["--kv-cache-memory", "8GiB", "--no-prefix-reuse", "--max-queue", "1024"]
+    cmd += ["--dtype", args.dtype, "--threads", str(threads)]
     systems = {"qwen15 serve": (cmd, r"serving .* on http", f"127.0.0.1:{port}", folder.name, None)}
     tf = shutil.which("transformers") or str(Path(sys.executable).parent / "transformers")
     if not args.skip_transformers and Path(tf).exists():
@@ -202,10 +218,12 @@ def main() -> None:
             "--continuous-batching",
             "--device",
             args.device,
+            "--dtype",
+            DTYPES[args.dtype],
             "--port",
             str(port + 1),
         ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
         systems["transformers serve --continuous-batching"] = (
             cmd,
             r"Uvicorn running",

@@ -159,6 +159,23 @@ def test_prefix_reuse_from_a_finished_and_from_a_running_sequence(model):
     assert off.stats.reused_tokens == 0
 
 
+def test_new_sequences_take_the_lowest_slots(model):
+    """A decode step computes every row up to the highest busy slot: a lone sequence after others have come and
+    gone decodes in slot 0 (one row), also when its prefix sits in a higher slot (copied down)."""
+    ps = prompts((6, 7, 8), seed=14)
+    engine = Engine(model, num_slots=4, max_len=64)
+    for p in ps:
+        engine.add(p, SequenceParams(max_tokens=3))
+    engine.run_until_idle()
+    follow = ps[2] + [5, 6]
+    (sid,) = engine.add(follow, SequenceParams(max_tokens=4))
+    events = engine.run_until_idle()
+    admitted = {a[0]: a for s in engine.step_log for a in s.get("admitted", [])}
+    assert [admitted[i][1] for i in range(3)] == [0, 1, 2]
+    assert admitted[sid][1:] == [0, 8]  # slot 0, with the 8 tokens of slot 2's prompt copied
+    assert [e.token for e in events if e.token is not None] == alone(model, follow, 4)
+
+
 def test_cancel_frees_the_slot_at_the_next_step_and_the_queue_is_bounded(model):
     ps = prompts((6, 8, 5), seed=9)
     engine = Engine(model, num_slots=1, max_len=64, max_queue=2)
@@ -194,6 +211,55 @@ def test_stop_ids_and_the_context_end_a_sequence(model):
     assert one[-1].token is None and one[-1].finish == "stop" and one[-1].stop_id == stop
     two = [e for e in events if e.seq_id == s2]
     assert len(two) == 6 and two[-1].finish == "length"  # 10 + 6 = the 16 positions of a slot
+
+
+@pytest.mark.parametrize("every", [4])
+def test_stops_detected_on_the_device_and_read_back_every_few_steps(model, every):
+    """Picks and finish codes stay device tensors between read-backs: stop ids, max_tokens and the context end
+    still end each of several sequences of different lengths where their plain continuation (cut here, by the
+    test) says, with the same finish reasons and log-probabilities (to rounding) as reading back every step; tokens picked
+    after a stop within a period are never emitted."""
+    ps = prompts((10, 4, 7, 12), seed=13)
+    max_len = 32
+    free = [alone(model, p, max_len - len(p)) for p in ps]  # greedy until the context is full
+    stop_a, stop_d = free[0][5], free[3][2]
+    params = [
+        SequenceParams(max_tokens=30, stop_ids=frozenset({stop_a})),
+        SequenceParams(max_tokens=7, logprobs=2),
+        SequenceParams(max_tokens=50),  # runs into the end of its 32 positions
+        SequenceParams(max_tokens=9, stop_ids=frozenset({stop_d, VOCAB - 1})),
+    ]
+    want = [
+        (free[0][: free[0].index(stop_a)], "stop"),
+        (free[1][:7], "length"),
+        (free[2][: max_len - len(ps[2])], "length"),
+        (free[3][: min(9, free[3].index(stop_d))], "stop" if free[3].index(stop_d) < 9 else "length"),
+    ]
+
+    def run(read_back_every):
+        engine = Engine(model, num_slots=4, max_len=max_len, read_back_every=read_back_every)
+        ids = [engine.add(p, q)[0] for p, q in zip(ps, params)]
+        per_step = []
+        while engine.busy:
+            per_step.append(engine.step())
+        events = [e for step in per_step for e in step]
+        return engine, ids, events, per_step
+
+    engine, ids, events, per_step = run(every)
+    for sid, (tokens, reason) in zip(ids, want):
+        mine = [e for e in events if e.seq_id == sid]
+        assert [e.token for e in mine if e.token is not None] == tokens
+        assert [e.finish for e in mine] == [None] * (len(mine) - 1) + [reason]  # nothing after the end
+    assert engine.cache.used() == 0 and not engine.busy
+    assert max(sum(e.seq_id == ids[2] for e in step) for step in per_step) == every  # read back in periods
+    _, _, each_step, _ = run(1)  # (a period runs finished rows on: other batch shapes, other rounding)
+    for sid in ids:
+        a, b = ([e for e in evs if e.seq_id == sid] for evs in (events, each_step))
+        assert [(e.token, e.finish, e.stop_id) for e in a] == [(e.token, e.finish, e.stop_id) for e in b]
+        assert [[t for t, _ in e.top or []] for e in a] == [[t for t, _ in e.top or []] for e in b]
+        assert [e.logprob for e in a] == pytest.approx([e.logprob for e in b], abs=1e-5)
+    assert any(e.logprob is not None for e in events if e.seq_id == ids[1])
+    assert Engine(model, num_slots=1, max_len=8).read_back_every == 1  # CPU default: nothing to overlap
 
 
 def test_static_decode_buckets_equal_the_eager_step(model):

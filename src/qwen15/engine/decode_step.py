@@ -21,18 +21,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 LENGTH_BUCKET = 256
 
 
-def decode_forward(model, cache, tokens, positions, cache_positions, key_mask) -> torch.Tensor:
+def decode_forward(model, cache, tokens, positions, cache_positions, key_mask, hidden=False) -> torch.Tensor:
     """Next-token logits [B, vocab] (fp32) for tokens [B, 1] at positions [B, 1], written to cache_positions
-    [B, 1] of the cache rows; attention reads the first key_mask.shape[1] positions (False: ignored)."""
-    logits = model(
+    [B, 1] of the cache rows; attention reads the first key_mask.shape[1] positions (False: ignored). hidden:
+    the final hidden states [B, hidden] instead (the caller applies the output layer)."""
+    out = model(
         tokens,
         position_ids=positions,
         kv_cache=cache,
         cache_positions=cache_positions,
         key_padding_mask=key_mask,
         last_only=True,
+        return_hidden=hidden,
     )
-    return logits[:, -1].float()
+    return out[:, -1] if hidden else out[:, -1].float()
 
 
 def bucket(n: int, buckets: tuple[int, ...], limit: int) -> int:
@@ -62,39 +64,39 @@ class DecodeStep:
         """The (batch, key length) shapes captured as CUDA graphs so far."""
         return sorted(self._graphs)
 
-    def __call__(self, rows: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits [len(rows), vocab] (fp32) for tokens fed at positions into the KV slots `rows`."""
+    def __call__(
+        self, rows: list[int], last: torch.Tensor, positions: list[int], hidden: bool = False
+    ) -> torch.Tensor:
+        """Logits [len(rows), vocab] (fp32) for the KV slots `rows`, each fed its token last[slot] (a device
+        tensor [num_slots]: the engine's last pick per slot, never read by the host here) at positions.
+        hidden (eager only): the final hidden states instead."""
         span = max(rows) + 1
         key_len = max(positions) + 1
-        if not self.static:
+        if self.static:
+            batch = bucket(span, BATCH_BUCKETS, self.cache.num_slots)
+            length = min(-(-key_len // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
+        else:
             batch, length = span, key_len
-            tok = torch.zeros(batch, 1, dtype=torch.long)
-            pos = torch.zeros(batch, 1, dtype=torch.long)
-            cpos = torch.full((batch, 1), self.cache.trash, dtype=torch.long)
-            mask = torch.zeros(batch, length, dtype=torch.bool)
-            self._fill(tok, pos, cpos, mask, rows, tokens, positions)
-            tok, pos, cpos, mask = (t.to(self.device) for t in (tok, pos, cpos, mask))
-            logits = decode_forward(self.model, self.cache.rows(batch), tok, pos, cpos, mask)
-            return logits if rows == list(range(batch)) else logits[torch.tensor(rows, device=self.device)]
-        batch = bucket(span, BATCH_BUCKETS, self.cache.num_slots)
-        length = min(-(-key_len // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
-        tok = torch.zeros(batch, 1, dtype=torch.long)
         pos = torch.zeros(batch, 1, dtype=torch.long)
         cpos = torch.full((batch, 1), self.cache.trash, dtype=torch.long)
         mask = torch.zeros(batch, length, dtype=torch.bool)
-        self._fill(tok, pos, cpos, mask, rows, tokens, positions)
-        self.tokens[:batch].copy_(tok, non_blocking=True)
+        self._fill(pos, cpos, mask, rows, positions)
+        if not self.static:
+            pos, cpos, mask = (t.to(self.device, non_blocking=True) for t in (pos, cpos, mask))
+            cache = self.cache.rows(batch)
+            logits = decode_forward(self.model, cache, last[:batch, None], pos, cpos, mask, hidden)
+            return logits if rows == list(range(batch)) else logits[torch.tensor(rows, device=self.device)]
+        self.tokens[:batch].copy_(last[:batch, None])
         self.positions[:batch].copy_(pos, non_blocking=True)
         self.slots[:batch].copy_(cpos, non_blocking=True)
         self.key_mask[:batch, :length].copy_(mask, non_blocking=True)
         logits = self._run_static(batch, length)
         return logits[torch.tensor(rows, device=self.device)]
 
-    def _fill(self, tok, pos, cpos, mask, rows, tokens, positions) -> None:
+    def _fill(self, pos, cpos, mask, rows, positions) -> None:
         """Host-side inputs: real rows attend to everything up to their position (causal does the rest); idle
-        rows write to the spare column and see key 0 only."""
+        rows (their token is whatever their slot last picked) write to the spare column and see key 0 only."""
         idx = torch.tensor(rows)
-        tok[idx, 0] = torch.tensor(tokens)
         p = torch.tensor(positions)
         pos[idx, 0] = p
         cpos[idx, 0] = p

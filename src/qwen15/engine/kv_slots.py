@@ -99,21 +99,27 @@ class SlotCache:
 
     def assign(self, seq_id: int, prompt: list[int], *, reuse: bool = True) -> tuple[int, int]:
         """A free slot for a new sequence, and how many leading prompt tokens already have their KV there (the
-        last prompt token is always recomputed: its logits give the first new token). None if no slot is free."""
+        last prompt token is always recomputed: its logits give the first new token).
+
+        The slot is one of the lowest (index <= the number of busy slots): a decode step computes every row up
+        to the highest busy slot, so busy slots kept low mean no idle rows (one sequence in slot 20 would decode
+        21 rows). Among those: one holding the prompt's prefix, else an empty one, else the least recently
+        released; a prefix held by a higher slot is copied down."""
         free = [s for s in range(self.num_slots) if self.owner[s] is None]
         if not free:
             raise RuntimeError("no free slot")
+        low = [s for s in free if s <= self.num_slots - len(free)]
         best, found = None, 0
         if reuse:
             for s in range(self.num_slots):
                 n = common_prefix(self.held[s], prompt, len(prompt) - 1)
                 if n > found:
                     best, found = s, n
-        empty = [s for s in free if not self.held[s]]
-        if found and self.owner[best] is None and (found == len(self.held[best]) or not empty):
+        empty = [s for s in low if not self.held[s]]
+        if found and best in low and (found == len(self.held[best]) or not empty):
             slot = best  # the prefix is there already
         else:
-            slot = empty[0] if empty else min(free, key=lambda s: self._released[s])
+            slot = empty[0] if empty else min(low, key=lambda s: self._released[s])
             if found:
                 self.copy_prefix(best, slot, found)
         self.held[slot] = list(prompt[:found])

@@ -4,6 +4,7 @@ Rows with the same SamplingParams are processed together by qwen15.sampling (tra
 arithmetic, row by row, so a row's probabilities are those it would get alone); each seeded row draws from its
 own torch.Generator, so a request's tokens do not depend on what else is in the batch. Log-probabilities, when
 asked, are those of the model's distribution (log-softmax of the raw logits), as OpenAI and vLLM report them.
+Everything stays on the logits' device (no host sync): the engine reads the picks back when it chooses to.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ MAX_LOGPROBS = 20
 
 
 @dataclass
-class Picked:
-    token: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None  # the most likely tokens and their log-probabilities
+class Picks:
+    """One step's picks, on the device. tokens [n]; with logprobs asked by some rows (`want`, their row indices):
+    chosen [len(want)] the log-probability of each one's token, top_ids/top_logprobs [len(want), k]."""
+
+    tokens: torch.Tensor
+    want: list[int]
+    chosen: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 class RowState:
@@ -46,47 +52,53 @@ class RowState:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(tokens, dtype=torch.long, device=device)] = True
 
-    def saw(self, token: int) -> None:
+    def saw(self, token: torch.Tensor) -> None:
+        """token: a one-element id tensor on the device."""
         if self.seen is not None:
-            self.seen[token] = True
+            self.seen.index_fill_(0, token, True)
 
 
-def sample(logits: torch.Tensor, rows: list[RowState], valid_vocab: int) -> list[Picked]:
+def sample(logits: torch.Tensor, rows: list[RowState], valid_vocab: int) -> Picks:
     """One token per row of logits [n, vocab] (fp32; modified in place: ids >= valid_vocab are never picked)."""
     if valid_vocab < logits.shape[-1]:
         logits[:, valid_vocab:] = -float("inf")
-    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     groups: dict[SamplingParams, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row.params, []).append(i)
-    for params, idx in groups.items():
-        sel = torch.tensor(idx, device=logits.device)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.stack([rows[i].seen for i in idx])
-        scores = process_logits(logits.index_select(0, sel), params, seen)
-        if params.greedy:
-            tokens[sel] = scores.argmax(dim=-1)
-            continue
-        probs = torch.softmax(scores, dim=-1)
-        shared = [j for j, i in enumerate(idx) if rows[i].generator is None]
-        if shared:  # unseeded rows: torch's global generator, one draw for all of them
-            pick = torch.multinomial(probs[shared], num_samples=1).squeeze(1)
-            tokens[sel[shared]] = pick
-        for j, i in enumerate(idx):
-            if rows[i].generator is not None:
-                tokens[idx[j]] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
-    out = [Picked(t) for t in tokens.tolist()]
+    if len(groups) == 1 and next(iter(groups)).greedy and rows[0].seen is None:
+        tokens = logits.argmax(dim=-1)  # the common case: one greedy group, no copy of the logits
+    else:
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        for params, idx in groups.items():
+            whole = len(idx) == len(rows)
+            sel = None if whole else torch.tensor(idx, device=logits.device)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.stack([rows[i].seen for i in idx])
+            scores = process_logits(logits if whole else logits.index_select(0, sel), params, seen)
+            if params.greedy:
+                picked = scores.argmax(dim=-1)
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                picked = torch.empty(len(idx), dtype=torch.long, device=logits.device)
+                shared = [j for j, i in enumerate(idx) if rows[i].generator is None]
+                if shared:  # unseeded rows: torch's global generator, one draw for all of them
+                    picked[shared] = torch.multinomial(probs[shared], num_samples=1).squeeze(1)
+                for j, i in enumerate(idx):
+                    if rows[i].generator is not None:
+                        picked[j] = torch.multinomial(probs[j : j + 1], 1, generator=rows[i].generator)[0, 0]
+            if whole:
+                tokens = picked
+            else:
+                tokens[sel] = picked
+    for i, row in enumerate(rows):
+        row.saw(tokens[i : i + 1])
     want = [i for i, row in enumerate(rows) if row.logprobs is not None]
+    picks = Picks(tokens, want)
     if want:
         logp = torch.log_softmax(logits[want], dim=-1)
-        chosen = logp.gather(1, tokens[want][:, None])[:, 0].tolist()
+        picks.chosen = logp.gather(1, tokens[want][:, None])[:, 0]
         k = max(rows[i].logprobs for i in want)
-        top_v, top_i = logp.topk(k, dim=-1) if k else (None, None)
-        for j, i in enumerate(want):
-            out[i].logprob = chosen[j]
-            n = rows[i].logprobs
-            out[i].top = list(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist())) if n else []
-    for row, p in zip(rows, out):
-        row.saw(p.token)
-    return out
+        if k:
+            picks.top_logprobs, picks.top_ids = logp.topk(k, dim=-1)
+    return picks

@@ -50,6 +50,7 @@ class Sequence:
     after: Sequence | None = None  # another choice of the same request, whose prompt KV this one copies
     slot: int | None = None
     computed: int = 0  # leading tokens whose KV is in the slot
+    sampled: int = 0  # tokens picked, also those the engine has not read back yet
     reused: int = 0  # of those, how many came from prefix reuse
     sampler: object = None  # engine.sampler.RowState, made at admission
     finish: str | None = None
@@ -60,8 +61,8 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        """Still has prompt tokens without KV (a decoding sequence has exactly one token to feed: its last)."""
-        return self.computed < len(self.tokens) - 1 or self.generated == 0
+        """Still has prompt tokens without KV (a decoding sequence has exactly one token to feed: its last pick)."""
+        return self.sampled == 0
 
 
 @dataclass
