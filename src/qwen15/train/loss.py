@@ -74,33 +74,66 @@ def chunked_cross_entropy_sum(
     return total
 
 
+_frozen_loss_buffers: dict = {}  # the last call's logits-sized work tensors (CPU), see _buffers
+
+
+def _buffers(key: tuple, make) -> tuple[torch.Tensor, ...]:
+    """The logits-sized work tensors of the frozen-output loss, kept from one step to the next on CPU: a fresh
+    100 MB tensor costs a page fault per 4 KB page at its first write (30 ms here), as much as the pass itself.
+    Only the latest shape is kept."""
+    if key not in _frozen_loss_buffers:
+        _frozen_loss_buffers.clear()
+        _frozen_loss_buffers[key] = make()
+    return _frozen_loss_buffers[key]
+
+
 class _FrozenOutputCrossEntropy(torch.autograd.Function):
     """cross_entropy_sum(hidden @ weight.T, labels) / targets for an output layer that gets no gradient (LoRA):
     the hidden states' gradient is computed in the forward, a chunk of tokens at a time, so that neither the
     logits nor their softmax are kept for the backward, and the logits-sized passes of an autograd loss (fp32
-    copy, log-softmax, its backward, the zeroed gradient) shrink to a few per chunk."""
+    copy, log-softmax, its backward, the zeroed gradient) shrink to a few per chunk, in reused tensors. The
+    values are those of the autograd loss: the same products, log-softmax and casts, in the same order."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, targets, chunk_size):
+        device = hidden.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype  # the logits' dtype
         h2, y2 = hidden.flatten(0, -2), labels.flatten()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty(h2.shape, dtype=hidden.dtype, device=hidden.device)
+        tokens, vocab = h2.shape[0], weight.shape[0]
+        chunk = -(-tokens // -(-tokens // chunk_size))  # equal chunks: a short last one multiplies slowly
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad = torch.empty(h2.shape, dtype=hidden.dtype, device=device)
         scale = 1.0 / targets.clamp(min=1).float()
-        w = weight
-        for start in range(0, h2.shape[0], chunk_size):
-            h, y = h2[start : start + chunk_size], y2[start : start + chunk_size]
-            logits = F.linear(h, w)  # under autocast: in its dtype, as the autograd loss computes them
-            if w.dtype != logits.dtype:  # cast the weight once, not per chunk
-                w = weight.to(logits.dtype)
-            valid = y != IGNORE_INDEX
-            rows = torch.arange(y.shape[0], device=y.device)
-            target = y.clamp(min=0)
-            logp = torch.log_softmax(logits.float(), dim=-1)  # one pass over each row, in cache
-            total = total - torch.where(valid, logp[rows, target], 0.0).sum()
-            probs = logp.exp_()
-            probs[rows, target] -= 1.0
-            probs.mul_((valid * scale)[:, None])  # before the cast, as autograd's gradient: the same bits
-            grad[start : start + chunk_size] = (probs.to(logits.dtype) @ w).to(grad.dtype)
+
+        def make():  # the logits in their dtype (bf16 only), their fp32 copy, the fp32 log-softmax
+            low = torch.empty(chunk, vocab, dtype=dtype, device=device) if dtype != torch.float32 else None
+            return low, torch.empty(chunk, vocab, device=device), torch.empty(chunk, vocab, device=device)
+
+        # the caching allocator of a GPU reuses memory already
+        low, logits32, logp = (
+            _buffers((chunk, vocab, dtype, device), make) if device.type == "cpu" else make()
+        )
+        with torch.autocast(device.type, enabled=False):
+            w = weight.to(dtype)
+            for begin in range(0, tokens, chunk):
+                h, y = h2[begin : begin + chunk].to(dtype), y2[begin : begin + chunk]
+                n = h.shape[0]
+                if low is None:
+                    torch.mm(h, w.t(), out=logits32[:n])
+                else:
+                    logits32[:n].copy_(torch.mm(h, w.t(), out=low[:n]))
+                torch.ops.aten._log_softmax.out(logits32[:n], -1, False, out=logp[:n])
+                valid = y != IGNORE_INDEX
+                rows = torch.arange(n, device=device)
+                target = y.clamp(min=0)
+                total = total - torch.where(valid, logp[rows, target], 0.0).sum()
+                probs = logp[:n].exp_()
+                probs[rows, target] -= 1.0
+                probs.mul_((valid * scale)[:, None])  # before the cast, as autograd's gradient: the same bits
+                if low is not None:
+                    probs = low[:n].copy_(probs)
+                grad[begin : begin + n] = torch.mm(probs, w).to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.shape = hidden.shape
         return total * scale
@@ -112,8 +145,8 @@ class _FrozenOutputCrossEntropy(torch.autograd.Function):
 
 
 # Without train.loss_chunk_size, the frozen-output loss takes as many tokens per chunk as keep its fp32
-# log-softmax within this many bytes (220 tokens of the 151936-word vocabulary).
-FROZEN_LOSS_CHUNK_BYTES = 128 * 2**20
+# log-softmax within this many bytes (441 tokens of the 151936-word vocabulary).
+FROZEN_LOSS_CHUNK_BYTES = 256 * 2**20
 
 
 def frozen_output_loss(
