@@ -195,8 +195,8 @@ def test_int4_pack_round_trip_and_error_within_half_a_step(k):
     assert g == (64 if k % 64 == 0 else 32)
     q, s, m = quantize_groups(w, g)
     assert q.max() <= 15 and s.dtype == torch.bfloat16 and s.shape == (40, k // g)
-    packed = pack(q)
-    assert packed.shape == (40, k // 2) and torch.equal(unpack(packed), q)
+    packed = pack(q, g)
+    assert packed.shape == (40, k // 2) and torch.equal(unpack(packed, g), q)
     deq = dequantize_rows(packed, s, m, torch.float32)
     step = s.float().repeat_interleave(g, dim=1)
     # rounding to the stored (bf16) scale and min: at most half a step, plus what the clamp at the top of the
@@ -204,10 +204,33 @@ def test_int4_pack_round_trip_and_error_within_half_a_step(k):
     assert ((deq - w).abs() <= step * 0.5 + step * 15 * 2**-8 + 1e-6).all()
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels multiply: each row in blocks of 64 columns as int8 * (max |x| / 127), computed with the
-    same fp32 operations (x * (127 / max), rounded to nearest even), then dequantized."""
-    blocks = x.float().unflatten(-1, (-1, 64))
+@pytest.mark.parametrize("k, group", [(1024, 64), (2816, 64), (352, 32), (2816, 128)])
+def test_int4_layout_puts_each_column_where_the_kernel_reads_it(k, group):
+    """Column c of group g sits in super-block g // 16 (16 groups, the last R = ng - 16 * (g // 16) if fewer), run
+    t = s mod S/2 of its step s = (c mod group) // 4 (S = group / 4 steps), bytes 4 * (g mod 16) + c mod 4 of the
+    run; steps from S/2 on in the high nibble (the layout cpu_kernels.c reads)."""
+    from qwen15.quantize.int4 import pack
+
+    ng, steps = k // group, group // 4
+    cols = sorted(
+        {0, 3, 4, group - 1, group, (17 * group + 5) % k, k - 1, k - group // 2, (ng // 2) * group + 7}
+    )
+    for c in cols:
+        q = torch.zeros(1, k, dtype=torch.uint8)
+        q[0, c] = 9
+        g, s = c // group, (c % group) // 4
+        sb, r = g // 16, min(16, ng - 16 * (g // 16))
+        byte = sb * 8 * group + (s % (steps // 2)) * 4 * r + 4 * (g % 16) + c % 4
+        packed = pack(q, group)[0]
+        assert packed.nonzero().flatten().tolist() == [byte], c
+        assert packed[byte] == (9 << 4 if s >= steps // 2 else 9), c
+
+
+def quantized_activations(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """What the kernels multiply: each row in blocks of `block` columns (int8: 64; int4: its group) as int8 *
+    (max |x| / 127), computed with the same fp32 operations (x * (127 / max), rounded to nearest even), then
+    dequantized."""
+    blocks = x.float().unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inv) * (amax / 127.0)).flatten(-2)
@@ -215,8 +238,10 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 20])  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
-@pytest.mark.parametrize("shape", [(100, 384), (37, 1024)])
+@pytest.mark.parametrize(
+    "rows", [1, 2, 3, 4, 8, 20]
+)  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
+@pytest.mark.parametrize("shape", [(100, 384), (37, 1024), (9, 2816)])
 def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape, group):
     """The decode kernels compute exactly dequant(w) @ quantized activations (up to fp32 summation order); the
     prefill path computes dequant(w) @ x with one dense product."""
@@ -235,7 +260,8 @@ def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape,
     x = torch.randn(2, rows, k, generator=g).to(dtype)
     dense = 2 * rows >= PREFILL_ROWS
     w = q.dequantize(dtype if dense else torch.float32).double()
-    ref = (x.double() if dense else quantized_activations(x).double()) @ w.T + lin.bias.double()
+    xq = quantized_activations(x, 64 if bits == 8 else group)
+    ref = (x.double() if dense else xq.double()) @ w.T + lin.bias.double()
     out = q(x)
     assert out.dtype == dtype and out.shape == (2, rows, n)
     # fp32: summation order only; bf16: the output's rounding
@@ -342,8 +368,9 @@ def test_describe_names_the_format_and_kernel():
         )
     note = describe(quantize(bf16, "int4"))
     assert note.startswith("int4 weights (group 64), output layer int4, bf16 activations")
-    kernel = "AVX-512 VNNI kernel for" if kernels.library() is not None else "torch dequantize"  # 352 columns
-    assert kernel in note, (note, can_pack)
+    # every width (352 columns here: groups of 32 there) runs the kernel
+    kernel = "AVX-512 VNNI kernel" if kernels.library() is not None else "torch dequantize"
+    assert note.endswith(kernel), (note, can_pack)
 
 
 # ---------------------------------------------------------------------------------------------- on disk

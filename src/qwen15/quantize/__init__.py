@@ -71,7 +71,7 @@ def describe(model: nn.Module) -> str:
         if fast == len(q4 + q8):
             kernel = "AVX-512 VNNI kernel"
         elif fast:
-            kernel = f"AVX-512 VNNI kernel for {fast} of {len(q4 + q8)} matrices ({fallback} where the width is not a multiple of {128 if q4 else 64})"
+            kernel = f"AVX-512 VNNI kernel for {fast} of {len(q4 + q8)} matrices ({fallback} where the width is not a multiple of {'the group' if q4 else 64})"
         else:
             why = kernels.unavailable_reason()
             kernel = fallback + (f"; AVX-512 kernel unavailable: {why}" if why else "")

@@ -95,6 +95,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q15_int8_dequantize.restype = None
     lib.q15_int4_dequantize.argtypes = [p, p, p, i64, p, i, i64, i64]
     lib.q15_int4_dequantize.restype = None
+    lib.q15_dense_linear.argtypes = [p, p, i, p, p, i64, i64, i64]
+    lib.q15_dense_linear.restype = None
     lib.q15_read_bytes.argtypes = [p, i64]
     lib.q15_read_bytes.restype = ctypes.c_double
 
@@ -176,6 +178,15 @@ def int4_linear(
     )
     if rc != 0:
         raise MemoryError("int4 kernel: out of memory")
+    return y
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T + bias fp32 [N] -> [M, N], x and w both bf16 (needs AVX-512 bf16) or both fp32."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    _lib.q15_dense_linear(_ptr(x), _ptr(w), _flag(x), _ptr(bias), _ptr(y), m, n, k)
     return y
 
 
