@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwen15 import Qwen
 from qwen15.generation import generate
@@ -128,6 +129,9 @@ def test_quantized_model_keeps_bf16_activations_and_generates():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
 def test_cpu_prepacked_bf16_is_bit_identical(name):
+    """Prompts of >= PREFILL_ROWS rows (2 x 9 here) run the plain product: bit-identical; the decode steps of
+    generate (2 rows) run the dense kernel where it builds (test_dense_decode_kernel_is_the_product_to_rounding):
+    the same greedy tokens here."""
     from qwen15.quantize import PackedLinear, can_pack_for_cpu, pack_for_cpu
 
     cfg = get_preset(name).replace(vocab_size=1000)
@@ -145,6 +149,42 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
     a = generate(plain, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
     b = generate(packed, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 15])
+@pytest.mark.parametrize("shape, bias", [((100, 384), True), ((37, 1000), False), ((5, 64), True)])
+def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias):
+    """PackedLinear at decode rows (< PREFILL_ROWS) on the AVX-512 dense kernel: fp32 sums in another order than
+    oneDNN's, so not bit-identical to the plain product; bound against an fp64 oracle of the same bf16/fp32
+    inputs: bf16 within one bf16 rounding of the output (2^-8 relative) plus the fp32 summation error, which the
+    plain product (F.linear) meets too; fp32 within 1e-5 of the output's scale."""
+    from qwen15.quantize import PackedLinear, kernels
+
+    if not kernels.dense_kernel(dtype):
+        pytest.skip(
+            f"no AVX-512 dense kernel for {dtype} here ({kernels.unavailable_reason() or 'no avx512_bf16'})"
+        )
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 7 + k)
+    lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    packed = PackedLinear(lin)
+    x = torch.randn(1, rows, k, generator=g).to(dtype)
+    out, plain = packed(x), F.linear(x, lin.weight, lin.bias)
+    assert packed.kernel and out.dtype == dtype and out.shape == (1, rows, n)
+    ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        assert (out.double() - ref).abs().max().item() <= 1e-5 * scale
+    else:
+        bound = 2**-8 * ref.abs() + 1e-6 * scale
+        assert ((out.double() - ref).abs() <= bound).all()
+        assert ((plain.double() - ref).abs() <= bound).all()
+    # prompts (>= PREFILL_ROWS rows) take the plain product, bit-identical
+    long = torch.randn(1, 20, k, generator=g).to(dtype)
+    assert torch.equal(packed(long), F.linear(long, lin.weight, lin.bias))
 
 
 def test_cpu_prepacked_fp32_equals_plain_to_rounding():
@@ -363,9 +403,11 @@ def test_describe_names_the_format_and_kernel():
     bf16 = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
     assert describe(bf16) == "bf16 weights"
     if can_pack := torch.backends.mkldnn.is_available():
-        assert describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16))).endswith(
-            "oneDNN-packed"
-        )
+        packed = describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
+        if kernels.dense_kernel(torch.bfloat16):
+            assert packed == "bf16 weights, AVX-512 kernel for decode, oneDNN for prompts"
+        else:
+            assert packed == "bf16 weights, oneDNN-packed"
     note = describe(quantize(bf16, "int4"))
     assert note.startswith("int4 weights (group 64), output layer int4, bf16 activations")
     # every width (352 columns here: groups of 32 there) runs the kernel

@@ -45,14 +45,25 @@ def cache_folder() -> Path:
     return Path(xdg) / "qwen15" / "kernels"
 
 
-def _missing_cpu_flags() -> list[str]:
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return list(CPU_FLAGS)
+        return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
+    return set(line.split(":", 1)[-1].split())
+
+
+def _missing_cpu_flags() -> list[str]:
+    have = _cpu_flags()
     return [f for f in CPU_FLAGS if f not in have]
+
+
+def dense_kernel(dtype: torch.dtype) -> bool:
+    """Whether dense_linear runs for weights of this dtype here (bf16 also needs AVX-512 bf16)."""
+    if dtype not in (torch.bfloat16, torch.float32) or library() is None:
+        return False
+    return dtype == torch.float32 or "avx512_bf16" in _cpu_flags()
 
 
 def _compiler() -> str | None:
