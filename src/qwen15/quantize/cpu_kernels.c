@@ -6,16 +6,18 @@
 
    Decode multiplies a few rows of activations by a large weight matrix: it is bound by reading the weights, as long
    as the arithmetic per weight byte stays small. So the products run as VNNI int8 dot products (vpdpbusd, 64
-   multiply-adds per instruction, int32 sums): each row of activations is quantized on the fly to int8 in blocks of
-   64 columns (scale = max |x| / 127 per block), as llama.cpp does for its Q8_0 and Q4_0 products (blocks of 32).
+   multiply-adds per instruction, int32 sums): each row of activations is quantized on the fly to int8 in blocks
+   (int8: 64 columns; int4: its group; scale = max |x| / 127 per block), as llama.cpp does for its Q8_0 and Q4_0
+   products (blocks of 32). Up to 8 activation rows share each weight load (batched decode).
 
    int8:  w[n, k] = q[n, k] * scale[n]           q int8 [N, K] row-major, scale fp32 [N]; K a multiple of 64.
           y[n] = scale[n] * sum_b xs_b * sum_{k in b} q[n, k] * xq[k]; vpdpbusd multiplies unsigned by signed bytes,
           so the weights enter as q + 128 (a xor of the sign bit) and 128 * sum xs_b * sum xq is taken off per row.
    int4:  w[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / G   q in 0..15; scale, min bf16 [N, K / G];
-          G 32, 64 or 128; K a multiple of 128. Packed uint8 [N, K / 2]: in each chunk of 128 columns (64 bytes)
-          byte j holds column j in its low nibble and column j + 64 in its high nibble.
-          y[n] = sum_g scale_g * sum_{k in g} xs_b(k) q[n, k] xq[k] + sum_g min_g * sum_{k in g} xs_b(k) xq[k].
+          G 32, 64 or 128; K a multiple of G. Packed uint8 [N, K / 2], groups interleaved 16 at a time (see the
+          int4 section); the activations are quantized per group of G columns (one scale xs_g each):
+          y[n] = sum_g scale_g * xs_g * sum_{k in g} q[n, k] xq[k] + sum_g min_g * xs_g * sum_{k in g} xq[k].
+   bf16, fp32: y = x @ w.T + bias for dense weights (vdpbf16ps / fma), for decode at up to 15 rows.
    x and y are bf16 or fp32 (flags), [M, K] and [M, N], row-major; bias fp32 [N] or NULL. */
 
 #include <immintrin.h>

@@ -178,7 +178,7 @@ def int4_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """x [M, K] (K a multiple of 128) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
+    """x [M, K] (K a multiple of group) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
     -> [M, N] out_dtype; group 32, 64 or 128."""
     m, k = x.shape
     n = q.shape[0]
