@@ -1,7 +1,7 @@
 """Matrix products alone, at decode shapes: GB/s of weights read per format, against the memory's read bandwidth.
 
     python bench/kernels.py                      # qwen1.5-0.5b shapes, batch 1, bf16 / int8 / int4
-    python bench/kernels.py --batch 1 8 --formats bf16 int4
+    python bench/kernels.py --batch 1 8 --formats bf16 bf16-onednn int4   # bf16-onednn: oneDNN's packed product
 
 One "sweep" is what a decode step multiplies: every layer's fused q/k/v, o, gate/up and down matrix (separate
 tensors per layer, as in the model, so that nothing stays in cache) and the output layer; activations are random
@@ -45,6 +45,12 @@ def make(fmt: str, out: int, inp: int, group: int) -> nn.Module:
     lin = lin.to(torch.bfloat16)
     if fmt == "bf16":
         return PackedLinear(lin)
+    if (
+        fmt == "bf16-onednn"
+    ):  # the baseline: oneDNN's product on its prepacked weight (PackedLinear without kernels)
+        mod = PackedLinear(lin)
+        mod.kernel, mod.weight = False, torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 1)
+        return mod
     if fmt == "int8":
         return Int8Linear.from_linear(lin)
     return Int4Linear.from_linear(lin, group)
@@ -57,7 +63,12 @@ def nbytes(mod: nn.Module) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen1.5-0.5b")
-    p.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"])
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["bf16", "int8", "int4"],
+        choices=["bf16", "bf16-onednn", "int8", "int4"],
+    )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
