@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwen15 import Qwen
 from qwen15.generation import generate
@@ -128,6 +129,9 @@ def test_quantized_model_keeps_bf16_activations_and_generates():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
 def test_cpu_prepacked_bf16_is_bit_identical(name):
+    """Prompts of >= PREFILL_ROWS rows (2 x 9 here) run the plain product: bit-identical; the decode steps of
+    generate (2 rows) run the dense kernel where it builds (test_dense_decode_kernel_is_the_product_to_rounding):
+    the same greedy tokens here."""
     from qwen15.quantize import PackedLinear, can_pack_for_cpu, pack_for_cpu
 
     cfg = get_preset(name).replace(vocab_size=1000)
@@ -145,6 +149,42 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
     a = generate(plain, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
     b = generate(packed, None, prompts, max_new_tokens=16, temperature=0, stop_token_ids=[])
     assert [x.token_ids for x in a] == [y.token_ids for y in b]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 15])
+@pytest.mark.parametrize("shape, bias", [((100, 384), True), ((37, 1000), False), ((5, 64), True)])
+def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias):
+    """PackedLinear at decode rows (< PREFILL_ROWS) on the AVX-512 dense kernel: fp32 sums in another order than
+    oneDNN's, so not bit-identical to the plain product; bound against an fp64 oracle of the same bf16/fp32
+    inputs: bf16 within one bf16 rounding of the output (2^-8 relative) plus the fp32 summation error, which the
+    plain product (F.linear) meets too; fp32 within 1e-5 of the output's scale."""
+    from qwen15.quantize import PackedLinear, kernels
+
+    if not kernels.dense_kernel(dtype):
+        pytest.skip(
+            f"no AVX-512 dense kernel for {dtype} here ({kernels.unavailable_reason() or 'no avx512_bf16'})"
+        )
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 7 + k)
+    lin = torch.nn.Linear(k, n, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    packed = PackedLinear(lin)
+    x = torch.randn(1, rows, k, generator=g).to(dtype)
+    out, plain = packed(x), F.linear(x, lin.weight, lin.bias)
+    assert packed.kernel and out.dtype == dtype and out.shape == (1, rows, n)
+    ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+    scale = ref.abs().max().item()
+    if dtype == torch.float32:
+        assert (out.double() - ref).abs().max().item() <= 1e-5 * scale
+    else:
+        bound = 2**-8 * ref.abs() + 1e-6 * scale
+        assert ((out.double() - ref).abs() <= bound).all()
+        assert ((plain.double() - ref).abs() <= bound).all()
+    # prompts (>= PREFILL_ROWS rows) take the plain product, bit-identical
+    long = torch.randn(1, 20, k, generator=g).to(dtype)
+    assert torch.equal(packed(long), F.linear(long, lin.weight, lin.bias))
 
 
 def test_cpu_prepacked_fp32_equals_plain_to_rounding():
@@ -195,8 +235,8 @@ def test_int4_pack_round_trip_and_error_within_half_a_step(k):
     assert g == (64 if k % 64 == 0 else 32)
     q, s, m = quantize_groups(w, g)
     assert q.max() <= 15 and s.dtype == torch.bfloat16 and s.shape == (40, k // g)
-    packed = pack(q)
-    assert packed.shape == (40, k // 2) and torch.equal(unpack(packed), q)
+    packed = pack(q, g)
+    assert packed.shape == (40, k // 2) and torch.equal(unpack(packed, g), q)
     deq = dequantize_rows(packed, s, m, torch.float32)
     step = s.float().repeat_interleave(g, dim=1)
     # rounding to the stored (bf16) scale and min: at most half a step, plus what the clamp at the top of the
@@ -204,10 +244,33 @@ def test_int4_pack_round_trip_and_error_within_half_a_step(k):
     assert ((deq - w).abs() <= step * 0.5 + step * 15 * 2**-8 + 1e-6).all()
 
 
-def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels multiply: each row in blocks of 64 columns as int8 * (max |x| / 127), computed with the
-    same fp32 operations (x * (127 / max), rounded to nearest even), then dequantized."""
-    blocks = x.float().unflatten(-1, (-1, 64))
+@pytest.mark.parametrize("k, group", [(1024, 64), (2816, 64), (352, 32), (2816, 128)])
+def test_int4_layout_puts_each_column_where_the_kernel_reads_it(k, group):
+    """Column c of group g sits in super-block g // 16 (16 groups, the last R = ng - 16 * (g // 16) if fewer), run
+    t = s mod S/2 of its step s = (c mod group) // 4 (S = group / 4 steps), bytes 4 * (g mod 16) + c mod 4 of the
+    run; steps from S/2 on in the high nibble (the layout cpu_kernels.c reads)."""
+    from qwen15.quantize.int4 import pack
+
+    ng, steps = k // group, group // 4
+    cols = sorted(
+        {0, 3, 4, group - 1, group, (17 * group + 5) % k, k - 1, k - group // 2, (ng // 2) * group + 7}
+    )
+    for c in cols:
+        q = torch.zeros(1, k, dtype=torch.uint8)
+        q[0, c] = 9
+        g, s = c // group, (c % group) // 4
+        sb, r = g // 16, min(16, ng - 16 * (g // 16))
+        byte = sb * 8 * group + (s % (steps // 2)) * 4 * r + 4 * (g % 16) + c % 4
+        packed = pack(q, group)[0]
+        assert packed.nonzero().flatten().tolist() == [byte], c
+        assert packed[byte] == (9 << 4 if s >= steps // 2 else 9), c
+
+
+def quantized_activations(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """What the kernels multiply: each row in blocks of `block` columns (int8: 64; int4: its group) as int8 *
+    (max |x| / 127), computed with the same fp32 operations (x * (127 / max), rounded to nearest even), then
+    dequantized."""
+    blocks = x.float().unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return (torch.round(blocks * inv) * (amax / 127.0)).flatten(-2)
@@ -215,8 +278,10 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 20])  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
-@pytest.mark.parametrize("shape", [(100, 384), (37, 1024)])
+@pytest.mark.parametrize(
+    "rows", [1, 2, 3, 4, 8, 20]
+)  # 2 x rows; from 8 on past PREFILL_ROWS: dequantize + dense
+@pytest.mark.parametrize("shape", [(100, 384), (37, 1024), (9, 2816)])
 def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape, group):
     """The decode kernels compute exactly dequant(w) @ quantized activations (up to fp32 summation order); the
     prefill path computes dequant(w) @ x with one dense product."""
@@ -235,7 +300,8 @@ def test_kernel_products_equal_the_dequantized_product(bits, dtype, rows, shape,
     x = torch.randn(2, rows, k, generator=g).to(dtype)
     dense = 2 * rows >= PREFILL_ROWS
     w = q.dequantize(dtype if dense else torch.float32).double()
-    ref = (x.double() if dense else quantized_activations(x).double()) @ w.T + lin.bias.double()
+    xq = quantized_activations(x, 64 if bits == 8 else group)
+    ref = (x.double() if dense else xq.double()) @ w.T + lin.bias.double()
     out = q(x)
     assert out.dtype == dtype and out.shape == (2, rows, n)
     # fp32: summation order only; bf16: the output's rounding
@@ -337,13 +403,16 @@ def test_describe_names_the_format_and_kernel():
     bf16 = Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)
     assert describe(bf16) == "bf16 weights"
     if can_pack := torch.backends.mkldnn.is_available():
-        assert describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16))).endswith(
-            "oneDNN-packed"
-        )
+        packed = describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
+        if kernels.dense_kernel(torch.bfloat16):
+            assert packed == "bf16 weights, AVX-512 kernel for decode, oneDNN for prompts"
+        else:
+            assert packed == "bf16 weights, oneDNN-packed"
     note = describe(quantize(bf16, "int4"))
     assert note.startswith("int4 weights (group 64), output layer int4, bf16 activations")
-    kernel = "AVX-512 VNNI kernel for" if kernels.library() is not None else "torch dequantize"  # 352 columns
-    assert kernel in note, (note, can_pack)
+    # every width (352 columns here: groups of 32 there) runs the kernel
+    kernel = "AVX-512 VNNI kernel" if kernels.library() is not None else "torch dequantize"
+    assert note.endswith(kernel), (note, can_pack)
 
 
 # ---------------------------------------------------------------------------------------------- on disk

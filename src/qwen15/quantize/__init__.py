@@ -4,7 +4,7 @@ and quantized checkpoints on disk.
     int8.py     int8 per output row (Int8Linear, Int8Embedding, quantize_int8)
     int4.py     int4 per group of 32/64 columns with a bf16 scale and min (Int4Linear, Int4Embedding, quantize_int4)
     kernels.py  the AVX-512 kernels of cpu_kernels.c, built once with the system C compiler; torch fallbacks
-    cpu.py      oneDNN prepacking of bf16/fp32 matrices (PackedLinear, pack_for_cpu)
+    cpu.py      bf16/fp32 matrices for generation: AVX-512 decode kernel or oneDNN prepacking (PackedLinear, pack_for_cpu)
     saved.py    quantized folders: save_quantized, load_quantized, quantization_of
 
 Every transform swaps modules of a Qwen model in place (the model file knows nothing of them) and makes it
@@ -71,12 +71,14 @@ def describe(model: nn.Module) -> str:
         if fast == len(q4 + q8):
             kernel = "AVX-512 VNNI kernel"
         elif fast:
-            kernel = f"AVX-512 VNNI kernel for {fast} of {len(q4 + q8)} matrices ({fallback} where the width is not a multiple of {128 if q4 else 64})"
+            kernel = f"AVX-512 VNNI kernel for {fast} of {len(q4 + q8)} matrices ({fallback} where the width is not a multiple of {'the group' if q4 else 64})"
         else:
             why = kernels.unavailable_reason()
             kernel = fallback + (f"; AVX-512 kernel unavailable: {why}" if why else "")
         return f"{blocks} weights{group}, output layer {out}, {act} activations, {kernel}"
-    packed = any(isinstance(m, PackedLinear) for m in mods)
+    packed = [m for m in mods if isinstance(m, PackedLinear)]
+    if packed and all(m.kernel for m in packed):
+        return f"{act} weights, AVX-512 kernel for decode, oneDNN for prompts"
     return f"{act} weights" + (", oneDNN-packed" if packed else "")
 
 

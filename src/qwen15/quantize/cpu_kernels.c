@@ -6,16 +6,18 @@
 
    Decode multiplies a few rows of activations by a large weight matrix: it is bound by reading the weights, as long
    as the arithmetic per weight byte stays small. So the products run as VNNI int8 dot products (vpdpbusd, 64
-   multiply-adds per instruction, int32 sums): each row of activations is quantized on the fly to int8 in blocks of
-   64 columns (scale = max |x| / 127 per block), as llama.cpp does for its Q8_0 and Q4_0 products (blocks of 32).
+   multiply-adds per instruction, int32 sums): each row of activations is quantized on the fly to int8 in blocks
+   (int8: 64 columns; int4: its group; scale = max |x| / 127 per block), as llama.cpp does for its Q8_0 and Q4_0
+   products (blocks of 32). Up to 8 activation rows share each weight load (batched decode).
 
    int8:  w[n, k] = q[n, k] * scale[n]           q int8 [N, K] row-major, scale fp32 [N]; K a multiple of 64.
           y[n] = scale[n] * sum_b xs_b * sum_{k in b} q[n, k] * xq[k]; vpdpbusd multiplies unsigned by signed bytes,
           so the weights enter as q + 128 (a xor of the sign bit) and 128 * sum xs_b * sum xq is taken off per row.
    int4:  w[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / G   q in 0..15; scale, min bf16 [N, K / G];
-          G 32, 64 or 128; K a multiple of 128. Packed uint8 [N, K / 2]: in each chunk of 128 columns (64 bytes)
-          byte j holds column j in its low nibble and column j + 64 in its high nibble.
-          y[n] = sum_g scale_g * sum_{k in g} xs_b(k) q[n, k] xq[k] + sum_g min_g * sum_{k in g} xs_b(k) xq[k].
+          G 32, 64 or 128; K a multiple of G. Packed uint8 [N, K / 2], groups interleaved 16 at a time (see the
+          int4 section); the activations are quantized per group of G columns (one scale xs_g each):
+          y[n] = sum_g scale_g * xs_g * sum_{k in g} q[n, k] xq[k] + sum_g min_g * xs_g * sum_{k in g} xq[k].
+   bf16, fp32: y = x @ w.T + bias for dense weights (vdpbf16ps / fma), for decode at up to 15 rows.
    x and y are bf16 or fp32 (flags), [M, K] and [M, N], row-major; bias fp32 [N] or NULL. */
 
 #include <immintrin.h>
@@ -143,25 +145,25 @@ ALWAYS_INLINE void int8_tile(const quantized_x *a, int64_t m0, int64_t K, const 
     const char *next = (const char *)(q + NR * K);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc[4][4];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += XB) {
         __m512i w[4];
-        for (int i = 0; i < NR; i++) {
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
             _mm_prefetch(next + i * K + k, _MM_HINT_T0);
             w[i] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(q + i * K + k)), flip);
         }
-        for (int j = 0; j < MT; j++) {
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
             __m512i xv = _mm512_loadu_si512((const void *)(a->xq + (m0 + j) * K + k));
             __m512 s = _mm512_set1_ps(a->xs[(m0 + j) * (K / XB) + k / XB]);
-            for (int i = 0; i < NR; i++) {
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
                 __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xv);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[i][j]);
             }
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
 static void int8_rows(const quantized_x *a, int64_t M, int64_t K, const int8_t *q, const float *scale,
@@ -213,56 +215,101 @@ int q15_int8_linear(const void *x, int x_bf16, const int8_t *q, const float *sca
 
 /* ------------------------------------------------------------------------------------------------ int4 */
 
-/* out[i][j] = sum_g sf[i][g] * sum_b xs[j][b] * sum_{k in g, b} q[i, k] * xq[j, k]; sf holds each tile row's group
-   scales in fp32 (ng per row), gs = log2(G) (G is 32, 64 or 128: no division in the loop). */
-ALWAYS_INLINE void int4_tile(const quantized_x *a, int64_t m0, int64_t K, const uint8_t *q, int64_t ldq,
-                             const float *sf, const float *mf, int64_t ng, int gs, int NR, int MT, float out[4][4]) {
+/* The int4 layout (int4.py's pack): a row's groups in "super-blocks" of 16 groups (the last may hold R < 16); a
+   group's G columns in S = G / 4 steps of 4 columns. Within a super-block, S / 2 runs of 4R bytes: in run t, bytes
+   4l..4l+3 hold group l's step t in their low nibbles and its step t + S/2 in their high nibbles. So one 64-byte
+   load gives two vpdpbusd operands whose 16 lanes are 16 groups: each lane's int32 sum is one group's dot product,
+   and a super-block needs one conversion and one fma per activation row, with 16 group scales at once. The
+   activations are quantized per group (G columns, one scale each) and laid out the same way. */
+
+ALWAYS_INLINE int64_t int4_offset(int64_t G, int64_t ng, int64_t g, int64_t step) { /* weight byte of a run */
+    int64_t sb = g / 16, l = g % 16, R = ng - sb * 16 < 16 ? ng - sb * 16 : 16;
+    return sb * 8 * G + step * 4 * R + 4 * l; /* step < S / 2: the low nibbles' step */
+}
+
+/* Activations for int4: xq [M, K] in the layout above (run t of a super-block: the low-nibble step t, then from
+   S / 2 * 4R on, the high-nibble steps), xs [M, ng] scales, xsum [M, ng] = xs * sum of the group's xq. */
+static int quantize_x4(const void *x, int x_bf16, int64_t M, int64_t K, int64_t G, quantized_x *a) {
+    int64_t ng = K / G;
+    a->xq = aligned_alloc(64, (size_t)(M * K + 64));
+    a->xs = malloc(sizeof(float) * (size_t)(M * ng + 1));
+    a->xsum = malloc(sizeof(float) * (size_t)(M * ng + 1));
+    a->corr = NULL;
+    if (!a->xq || !a->xs || !a->xsum) return -1;
+    int8_t tmp[128];
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t at = m * K + g * G, n16 = G / 16;
+            __m512 v[8];
+            __m512 mx = _mm512_setzero_ps();
+            for (int i = 0; i < n16; i++) {
+                v[i] = load16(x, x_bf16, at + 16 * i);
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+            }
+            float amax = _mm512_reduce_max_ps(mx), sc = amax / 127.0f;
+            __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m512i total = _mm512_setzero_si512();
+            for (int i = 0; i < n16; i++) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv)); /* round to nearest even */
+                total = _mm512_add_epi32(total, qi);
+                _mm_storeu_si128((__m128i *)(tmp + 16 * i), _mm512_cvtsepi32_epi8(qi));
+            }
+            a->xs[m * ng + g] = sc;
+            /* the minimums then multiply what the products see, so that the result is exactly w . dequant(xq) */
+            a->xsum[m * ng + g] = sc * (float)_mm512_reduce_add_epi32(total);
+            int64_t S = G / 4, R = ng - g / 16 * 16 < 16 ? ng - g / 16 * 16 : 16;
+            for (int64_t st = 0; st < S; st++) /* step st of group g: super-block g / 16, run st, lane g % 16 */
+                memcpy(a->xq + m * K + g / 16 * 16 * G + st * 4 * R + 4 * (g % 16), tmp + 4 * st, 4);
+        }
+    return 0;
+}
+
+/* out[i][j] = sum over super-blocks of sum_l c[i][j][l] * dot_l + min[i][l] * xsum[j][l]; sf, mf: the tile rows'
+   scales and minimums in fp32 (ng per row). */
+ALWAYS_INLINE void int4_tile(const quantized_x *a, int64_t m0, int64_t K, int64_t G, const uint8_t *q,
+                             int64_t ldq, const float *sf, const float *mf, int NR, int MT, float out[8][8]) {
     const char *next = (const char *)(q + NR * ldq);
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    __m512 acc[4][4];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 128) {
-        __m512i lo[4], hi[4];
-        for (int i = 0; i < NR; i++) {
-            _mm_prefetch(next + i * ldq + k / 2, _MM_HINT_T0);
-            __m512i v = _mm512_loadu_si512((const void *)(q + i * ldq + k / 2));
-            lo[i] = _mm512_and_si512(v, nib);
-            hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        }
-        for (int j = 0; j < MT; j++) {
-            const int8_t *xq = a->xq + (m0 + j) * K + k;
-            const float *xs = a->xs + (m0 + j) * (K / XB) + (k >> 6);
-            __m512i x0 = _mm512_loadu_si512((const void *)xq), x1 = _mm512_loadu_si512((const void *)(xq + 64));
-            for (int i = 0; i < NR; i++) {
-                const float *s = sf + i * ng;
-                __m512 d0 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], x0));
-                __m512 d1 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi[i], x1));
-                __m512 s0, s1;
-                if (gs == 5) { /* groups of 32: lanes 0..7 hold a unit's first 32 columns, lanes 8..15 the next 32 */
-                    int64_t g = k >> 5;
-                    s0 = _mm512_insertf32x8(_mm512_set1_ps(s[g] * xs[0]), _mm256_set1_ps(s[g + 1] * xs[0]), 1);
-                    s1 = _mm512_insertf32x8(_mm512_set1_ps(s[g + 2] * xs[1]), _mm256_set1_ps(s[g + 3] * xs[1]), 1);
-                } else {
-                    s0 = _mm512_set1_ps(s[k >> gs] * xs[0]);
-                    s1 = _mm512_set1_ps(s[(k + 64) >> gs] * xs[1]);
+    int64_t ng = K / G, half = G / 8; /* runs per super-block */
+    __m512 acc[4][8];
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+        int64_t R = ng - g0 < 16 ? ng - g0 : 16, base = g0 * G / 2;
+        __mmask16 live = (__mmask16)((1u << R) - 1);
+        __m512i dot[4][8];
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+            _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) dot[i][j] = _mm512_setzero_si512();
+        for (int64_t t = 0; t < half; t++) {
+            __m512i lo[4], hi[4];
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
+                _mm_prefetch(next + i * ldq + base + t * 4 * R, _MM_HINT_T0);
+                __m512i v = _mm512_maskz_loadu_epi32(live, q + i * ldq + base + t * 4 * R);
+                lo[i] = _mm512_and_si512(v, nib);
+                hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+            }
+            _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+                const int8_t *xq = a->xq + (m0 + j) * K + 2 * base;
+                __m512i x0 = _mm512_maskz_loadu_epi32(live, xq + t * 4 * R);
+                __m512i x1 = _mm512_maskz_loadu_epi32(live, xq + (half + t) * 4 * R);
+                _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
+                    dot[i][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[i][j], lo[i], x0), hi[i], x1);
                 }
-                acc[i][j] = _mm512_fmadd_ps(d0, s0, acc[i][j]);
-                acc[i][j] = _mm512_fmadd_ps(d1, s1, acc[i][j]);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+            __m512 xs = _mm512_maskz_loadu_ps(live, a->xs + (m0 + j) * ng + g0);
+            __m512 xsum = _mm512_maskz_loadu_ps(live, a->xsum + (m0 + j) * ng + g0);
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
+                __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, sf + i * ng + g0), xs);
+                __m512 d = _mm512_cvtepi32_ps(dot[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(d, c, acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, mf + i * ng + g0), xsum, acc[i][j]);
             }
         }
     }
-    /* the minimums: + sum_g min[i][g] * xsum[j][g], in the same lanes before the one reduction */
-    for (int64_t g = 0; g < ng; g += 16) {
-        __mmask16 live = ng - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g)) - 1);
-        for (int j = 0; j < MT; j++) {
-            __m512 xsum = _mm512_maskz_loadu_ps(live, a->xsum + (m0 + j) * ng + g);
-            for (int i = 0; i < NR; i++)
-                acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, mf + i * ng + g), xsum, acc[i][j]);
-        }
-    }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
 /* dst[0..n) = the bf16 values src[0..n) as fp32 (vectorised: per weight row, off the hot loop). */
@@ -272,36 +319,43 @@ static void bf16_row_to_f32(const uint16_t *src, float *dst, int64_t n) {
     for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
-#define INT4_TILE(NR_, MT_) int4_tile(a, m, K, qn, ldq, sf, mf, ng, gs, NR_, MT_, out)
+#define INT4_TILE(NR_, MT_) int4_tile(a, m, K, G, qn, ldq, sf, mf, NR_, MT_, out)
 
+/* Tiles of NR weight rows by MT activation rows with NR * MT <= 8 (an int32 and an fp32 sum per pair). */
 static void int4_rows(const quantized_x *a, int64_t M, int64_t K, const uint8_t *q, const uint16_t *scale,
                       const uint16_t *mins, int64_t G, const float *bias, void *y, int y_bf16, int64_t N, int64_t n0,
                       int64_t n1, float *sf) {
     int64_t ng = K / G, ldq = K / 2;
-    int gs = G == 32 ? 5 : G == 64 ? 6 : 7;
-    float *mf = sf + 4 * ng, out[4][4];
-    for (int64_t n = n0; n < n1; n += 4) {
-        int nr = n1 - n >= 4 ? 4 : (int)(n1 - n);
-        const uint8_t *qn = q + n * ldq;
-        bf16_row_to_f32(scale + n * ng, sf, nr * ng); /* the tile's rows are contiguous */
-        bf16_row_to_f32(mins + n * ng, mf, nr * ng);
-        for (int64_t m = 0; m < M; m += 4) {
-            int mt = M - m >= 4 ? 4 : (int)(M - m);
-            if (nr == 4 && mt == 1) INT4_TILE(4, 1);
-            else if (nr == 4 && mt == 4) INT4_TILE(4, 4);
-            else if (nr == 4 && mt == 2) INT4_TILE(4, 2);
-            else if (nr == 4 && mt == 3) INT4_TILE(4, 3);
-            else
+    float *mf = sf + 4 * ng, out[8][8];
+    for (int64_t m = 0; m < M; m += 8) {
+        int mt = M - m >= 8 ? 8 : (int)(M - m);
+        int nr_full = mt <= 2 ? 4 : mt <= 4 ? 2 : 1;
+        for (int64_t n = n0; n < n1; n += nr_full) {
+            int nr = n1 - n >= nr_full ? nr_full : (int)(n1 - n);
+            const uint8_t *qn = q + n * ldq;
+            bf16_row_to_f32(scale + n * ng, sf, nr * ng); /* the tile's rows are contiguous */
+            bf16_row_to_f32(mins + n * ng, mf, nr * ng);
+            if (nr == nr_full) {
+                switch (nr_full * 8 + mt) {
+                case 4 * 8 + 1: INT4_TILE(4, 1); break;
+                case 4 * 8 + 2: INT4_TILE(4, 2); break;
+                case 2 * 8 + 3: INT4_TILE(2, 3); break;
+                case 2 * 8 + 4: INT4_TILE(2, 4); break;
+                case 1 * 8 + 5: INT4_TILE(1, 5); break;
+                case 1 * 8 + 6: INT4_TILE(1, 6); break;
+                case 1 * 8 + 7: INT4_TILE(1, 7); break;
+                default: INT4_TILE(1, 8); break;
+                }
+            } else
                 for (int i = 0; i < nr; i++)
                     for (int j = 0; j < mt; j++) {
-                        float one[4][4];
-                        int4_tile(a, m + j, K, qn + i * ldq, ldq, sf + i * ng, mf + i * ng, ng, gs, 1, 1, one);
+                        float one[8][8];
+                        int4_tile(a, m + j, K, G, qn + i * ldq, ldq, sf + i * ng, mf + i * ng, 1, 1, one);
                         out[i][j] = one[0][0];
                     }
             for (int i = 0; i < nr; i++)
-                for (int j = 0; j < mt; j++) {
+                for (int j = 0; j < mt; j++)
                     store_row(y, y_bf16, (m + j) * N + n + i, out[i][j] + (bias ? bias[n + i] : 0.0f));
-                }
         }
     }
 }
@@ -310,7 +364,7 @@ static void int4_rows(const quantized_x *a, int64_t M, int64_t K, const uint8_t 
 int q15_int4_linear(const void *x, int x_bf16, const uint8_t *q, const uint16_t *scale, const uint16_t *mins,
                     int64_t G, const float *bias, void *y, int y_bf16, int64_t M, int64_t N, int64_t K) {
     quantized_x a;
-    if (quantize_x(x, x_bf16, M, K, G, &a) != 0) {
+    if (quantize_x4(x, x_bf16, M, K, G, &a) != 0) {
         free_x(&a);
         return -1;
     }
@@ -330,6 +384,129 @@ int q15_int4_linear(const void *x, int x_bf16, const uint8_t *q, const uint16_t 
     }
     free_x(&a);
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------------ bf16, fp32 */
+
+/* Dense weights, for decode at batch 1-15: out[i][j] = sum_k w[i, k] x[j, k], NR weight rows by MT activation rows,
+   fp32 sums in 16 lanes. bf16 uses vdpbf16ps (32 products per instruction, each exact in fp32, summed in fp32);
+   fp32 uses fma. One weight load feeds MT activation rows. The next tile's rows are prefetched. */
+__attribute__((target("avx512bf16"))) ALWAYS_INLINE void bf16_tile(const uint16_t *x, int64_t ldx,
+                                                                    const uint16_t *w, int64_t K, int NR, int MT,
+                                                                    float out[8][8]) {
+    const char *next = (const char *)(w + NR * K);
+    __m512 acc[4][8];
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512i wv[4];
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
+            _mm_prefetch(next + 2 * (i * K + k), _MM_HINT_T0);
+            wv[i] = _mm512_loadu_si512((const void *)(w + i * K + k));
+        }
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + j * ldx + k));
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[i], xv);
+        }
+    }
+    if (k < K) {
+        __mmask32 live = (__mmask32)((1ull << (K - k)) - 1);
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, x + j * ldx + k);
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)_mm512_maskz_loadu_epi16(live, w + i * K + k), xv);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+ALWAYS_INLINE void f32_tile(const float *x, int64_t ldx, const float *w, int64_t K, int NR, int MT,
+                            float out[8][8]) {
+    const char *next = (const char *)(w + NR * K);
+    __m512 acc[4][8];
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[4];
+        _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) {
+            _mm_prefetch(next + 4 * (i * K + k), _MM_HINT_T0);
+            wv[i] = _mm512_loadu_ps(w + i * K + k);
+        }
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+            __m512 xv = _mm512_loadu_ps(x + j * ldx + k);
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);
+        }
+    }
+    if (k < K) {
+        __mmask16 live = (__mmask16)((1u << (K - k)) - 1);
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) {
+            __m512 xv = _mm512_maskz_loadu_ps(live, x + j * ldx + k);
+            _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, w + i * K + k), xv, acc[i][j]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* Tiles of 4 weight rows by up to 4 activation rows, or 2 by up to 8 (registers: NR * MT sums + NR weights). */
+#define DENSE_TILE(fn, T, NR_)                                                                                     \
+    switch (mt) {                                                                                                  \
+    case 1: fn((const T *)x + m * K, K, (const T *)w + n * K, K, NR_, 1, out); break;                             \
+    case 2: fn((const T *)x + m * K, K, (const T *)w + n * K, K, NR_, 2, out); break;                             \
+    case 3: fn((const T *)x + m * K, K, (const T *)w + n * K, K, NR_, 3, out); break;                             \
+    case 4: fn((const T *)x + m * K, K, (const T *)w + n * K, K, NR_, 4, out); break;                             \
+    case 5: fn((const T *)x + m * K, K, (const T *)w + n * K, K, 2, 5, out); break;                               \
+    case 6: fn((const T *)x + m * K, K, (const T *)w + n * K, K, 2, 6, out); break;                               \
+    case 7: fn((const T *)x + m * K, K, (const T *)w + n * K, K, 2, 7, out); break;                               \
+    default: fn((const T *)x + m * K, K, (const T *)w + n * K, K, 2, 8, out); break;                              \
+    }
+
+__attribute__((target("avx512bf16"))) static void dense_rows(const void *x, const void *w, int bf16,
+                                                              const float *bias, void *y, int64_t M, int64_t N,
+                                                              int64_t K, int64_t n0, int64_t n1) {
+    float out[8][8];
+    for (int64_t m = 0; m < M; m += 8) {
+        int mt = M - m >= 8 ? 8 : (int)(M - m);
+        int nr_full = mt <= 4 ? 4 : 2;
+        for (int64_t n = n0; n < n1; n += nr_full) {
+            int nr = n1 - n >= nr_full ? nr_full : (int)(n1 - n);
+            if (nr == nr_full) {
+                if (bf16) {
+                    DENSE_TILE(bf16_tile, uint16_t, 4)
+                } else {
+                    DENSE_TILE(f32_tile, float, 4)
+                }
+            } else
+                for (int i = 0; i < nr; i++) {
+                    float one[8][8];
+                    for (int j = 0; j < mt; j++) {
+                        if (bf16)
+                            bf16_tile((const uint16_t *)x + (m + j) * K, K, (const uint16_t *)w + (n + i) * K, K, 1, 1, one);
+                        else
+                            f32_tile((const float *)x + (m + j) * K, K, (const float *)w + (n + i) * K, K, 1, 1, one);
+                        out[i][j] = one[0][0];
+                    }
+                }
+            for (int i = 0; i < nr; i++)
+                for (int j = 0; j < mt; j++)
+                    store_row(y, bf16, (m + j) * N + n + i, out[i][j] + (bias ? bias[n + i] : 0.0f));
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] @ w [N, K].T + bias, all bf16 (bf16 = 1) or all fp32; bias fp32 [N] or NULL. */
+void q15_dense_linear(const void *x, const void *w, int bf16, const float *bias, void *y, int64_t M, int64_t N,
+                      int64_t K) {
+#pragma omp parallel
+    {
+        int64_t n0, n1;
+        split_rows(N, 16, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+        dense_rows(x, w, bf16, bias, y, M, N, K, n0, n1);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------------ dequantize */
@@ -354,21 +531,32 @@ void q15_int8_dequantize(const int8_t *q, const float *scale, void *w, int w_bf1
     }
 }
 
-/* w [N, K] (bf16 or fp32) = q * scale + min. */
+/* w [N, K] (bf16 or fp32) = q * scale + min: each row's codes first put back in column order, then scaled. */
 void q15_int4_dequantize(const uint8_t *q, const uint16_t *scale, const uint16_t *mins, int64_t G, void *w,
                          int w_bf16, int64_t N, int64_t K) {
-    int64_t ng = K / G;
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = q + n * (K / 2);
-        for (int64_t k = 0; k < K; k += 16) { /* columns k..k+15 sit in one nibble of 16 consecutive bytes */
-            int64_t base = k / 128 * 128, j = k - base;
-            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + base / 2 + j % 64)));
-            __m512i v = j < 64 ? _mm512_and_si512(b, _mm512_set1_epi32(0xf)) : _mm512_srli_epi32(b, 4);
-            __m512 s = _mm512_set1_ps(bf16_to_f32(scale[n * ng + k / G]));
-            __m512 mn = _mm512_set1_ps(bf16_to_f32(mins[n * ng + k / G]));
-            store16(w, w_bf16, n * K + k, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, mn));
+    int64_t ng = K / G, S = G / 4;
+#pragma omp parallel
+    {
+        uint8_t *codes = malloc((size_t)K + 64);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *row = q + n * (K / 2);
+            for (int64_t g = 0; g < ng; g++)
+                for (int64_t st = 0; st < S / 2; st++) {
+                    uint32_t v;
+                    memcpy(&v, row + int4_offset(G, ng, g, st), 4);
+                    uint32_t lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu;
+                    memcpy(codes + g * G + 4 * st, &lo, 4);
+                    memcpy(codes + g * G + 4 * (st + S / 2), &hi, 4);
+                }
+            for (int64_t k = 0; k < K; k += 16) {
+                __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + k))));
+                __m512 s = _mm512_set1_ps(bf16_to_f32(scale[n * ng + k / G]));
+                __m512 mn = _mm512_set1_ps(bf16_to_f32(mins[n * ng + k / G]));
+                store16(w, w_bf16, n * K + k, _mm512_fmadd_ps(v, s, mn));
+            }
         }
+        free(codes);
     }
 }
 

@@ -1,17 +1,19 @@
 """Weight-only int4, group-wise: w = q * scale + min per group of `group_size` columns, q in 0..15 (asymmetric).
 
-Storage per matrix [N, K]: `qweight` uint8 [N, K/2], two columns per byte in the order of cpu_kernels.c (byte j of
-each chunk of 128 columns holds columns j and j + 64; a last, shorter chunk of c columns holds j and j + c/2),
-`scales` and `mins` bf16 [N, K / group_size]. Group 64 costs 4.5 bits per weight (llama.cpp's Q4_0: 4.5 at group
+Storage per matrix [N, K]: `qweight` uint8 [N, K/2], two columns per byte in the layout of cpu_kernels.c (`pack`:
+groups interleaved 16 at a time, so that one 64-byte load feeds 16 groups' dot products), `scales` and `mins` bf16
+[N, K / group_size]. Group 64 costs 4.5 bits per weight (llama.cpp's Q4_0: 4.5 at group
 32, without a minimum). Scale and min are rounded to bf16 before the weights are rounded to them, so q is the best
 code for what is stored.
 
-Compute as int8.py: the AVX-512 kernel for a few rows (activations quantized to int8 per 64 columns there), and a
-dequantized matrix + one dense product for long prompts; without the kernels (another CPU, no compiler, CUDA) or
-where K is not a multiple of 128 the matrix is dequantized on every call (correct, not fast).
+Compute as int8.py: the AVX-512 kernel for a few rows (activations quantized to int8 per group there, one scale per
+group of columns), and a dequantized matrix + one dense product for long prompts; without the kernels (another
+CPU, no compiler, CUDA) the matrix is dequantized on every call (correct, not fast).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -48,30 +50,43 @@ def quantize_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.to(torch.uint8).view(n, k), scales, mins
 
 
-def _chunks(k: int) -> list[int]:
-    """Widths of the packing chunks of K columns: 128 each, then the remainder (a multiple of 32)."""
-    return [128] * (k // 128) + ([k % 128] if k % 128 else [])
+@functools.lru_cache(maxsize=64)
+def _columns(k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each packed byte of a row: the column of its low nibble and of its high nibble (cpu_kernels.c's
+    layout: super-blocks of 16 groups, the last of R <= 16; in each, runs t of 4R bytes, bytes 4l..4l+3 holding
+    group l's columns 4t..4t+3 low and 4(t + S/2).. high, S = group / 4)."""
+    ng, s = k // group, group // 4
+    byte = torch.arange(k // 2)
+    sb = byte // (8 * group)  # 16 groups of group / 2 bytes per super-block
+    r = torch.clamp(ng - sb * 16, max=16)
+    within = byte - sb * 8 * group
+    t, lane = within // (4 * r), within % (4 * r)
+    g, b = sb * 16 + lane // 4, lane % 4
+    lo = g * group + 4 * t + b
+    return lo, lo + 4 * (s // 2)
 
 
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 [N, K] -> packed uint8 [N, K/2] in the kernel's nibble order."""
-    parts = []
-    for c in q.split(_chunks(q.shape[1]), dim=1):
-        lo, hi = c.chunk(2, dim=1)
-        parts.append(lo | (hi << 4))
-    return torch.cat(parts, 1).contiguous()
+def pack(q: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes uint8 [N, K] (groups of `group` columns) -> packed uint8 [N, K/2] in the kernel's layout."""
+    lo, hi = _columns(q.shape[-1], group)
+    lo, hi = lo.to(q.device), hi.to(q.device)
+    return (q[..., lo] | (q[..., hi] << 4)).contiguous()
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
+def unpack(packed: torch.Tensor, group: int) -> torch.Tensor:
     """Packed uint8 [..., K/2] -> codes uint8 [..., K] (the inverse of `pack`)."""
-    widths = [w // 2 for w in _chunks(packed.shape[-1] * 2)]
-    return torch.cat([torch.cat([b & 15, b >> 4], -1) for b in packed.split(widths, dim=-1)], -1)
+    k = packed.shape[-1] * 2
+    lo, hi = _columns(k, group)
+    q = torch.empty(*packed.shape[:-1], k, dtype=torch.uint8, device=packed.device)
+    q[..., lo.to(packed.device)] = packed & 15
+    q[..., hi.to(packed.device)] = packed >> 4
+    return q
 
 
 def dequantize_rows(packed, scales, mins, dtype: torch.dtype) -> torch.Tensor:
     """Weights [..., K] in dtype from packed rows and their scales and mins (torch ops; any device)."""
-    q = unpack(packed).float()
     groups = scales.shape[-1]
+    q = unpack(packed, packed.shape[-1] * 2 // groups).float()
     w = q.unflatten(-1, (groups, -1)) * scales.float()[..., None] + mins.float()[..., None]
     return w.flatten(-2).to(dtype)
 
@@ -99,14 +114,14 @@ class Int4Linear(nn.Module):
         self._setup()
 
     def _setup(self) -> None:
-        self.kernel = use_kernels(self.qweight, self.in_features, 128)
+        self.kernel = use_kernels(self.qweight, self.in_features, self.group_size)
         self._bias32 = None if self.bias is None else self.bias.detach().float().contiguous()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP) -> Int4Linear:
         g = group_for(linear.in_features, group_size)
         q, s, m = quantize_groups(linear.weight, g)
-        return cls(pack(q), s, m, linear.bias, linear.weight.dtype)
+        return cls(pack(q, g), s, m, linear.bias, linear.weight.dtype)
 
     @classmethod
     def concat(cls, parts: list[Int4Linear]) -> Int4Linear:
@@ -152,8 +167,9 @@ class Int4Embedding(nn.Module):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group_size: int = DEFAULT_GROUP) -> Int4Embedding:
-        q, s, m = quantize_groups(emb.weight, group_for(emb.embedding_dim, group_size))
-        return cls(pack(q), s, m, emb.weight.dtype)
+        g = group_for(emb.embedding_dim, group_size)
+        q, s, m = quantize_groups(emb.weight, g)
+        return cls(pack(q, g), s, m, emb.weight.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return dequantize_rows(self.qweight[ids], self.scales[ids], self.mins[ids], self.dtype)

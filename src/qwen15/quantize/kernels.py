@@ -45,14 +45,25 @@ def cache_folder() -> Path:
     return Path(xdg) / "qwen15" / "kernels"
 
 
-def _missing_cpu_flags() -> list[str]:
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return list(CPU_FLAGS)
+        return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
+    return set(line.split(":", 1)[-1].split())
+
+
+def _missing_cpu_flags() -> list[str]:
+    have = _cpu_flags()
     return [f for f in CPU_FLAGS if f not in have]
+
+
+def dense_kernel(dtype: torch.dtype) -> bool:
+    """Whether dense_linear runs for weights of this dtype here (bf16 also needs AVX-512 bf16)."""
+    if dtype not in (torch.bfloat16, torch.float32) or library() is None:
+        return False
+    return dtype == torch.float32 or "avx512_bf16" in _cpu_flags()
 
 
 def _compiler() -> str | None:
@@ -95,6 +106,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q15_int8_dequantize.restype = None
     lib.q15_int4_dequantize.argtypes = [p, p, p, i64, p, i, i64, i64]
     lib.q15_int4_dequantize.restype = None
+    lib.q15_dense_linear.argtypes = [p, p, i, p, p, i64, i64, i64]
+    lib.q15_dense_linear.restype = None
     lib.q15_read_bytes.argtypes = [p, i64]
     lib.q15_read_bytes.restype = ctypes.c_double
 
@@ -165,7 +178,7 @@ def int4_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """x [M, K] (K a multiple of 128) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
+    """x [M, K] (K a multiple of group) @ dequant(q uint8 [N, K/2], scale and mins bf16 [N, K/group]).T + bias
     -> [M, N] out_dtype; group 32, 64 or 128."""
     m, k = x.shape
     n = q.shape[0]
@@ -176,6 +189,15 @@ def int4_linear(
     )
     if rc != 0:
         raise MemoryError("int4 kernel: out of memory")
+    return y
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T + bias fp32 [N] -> [M, N], x and w both bf16 (needs AVX-512 bf16) or both fp32."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    _lib.q15_dense_linear(_ptr(x), _ptr(w), _flag(x), _ptr(bias), _ptr(y), m, n, k)
     return y
 
 

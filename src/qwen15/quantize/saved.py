@@ -3,14 +3,14 @@
     qwen15 convert --quantize int4 HF_DIR OUT_DIR            # writes it (save_quantized)
     model = load_quantized("OUT_DIR")                         # what generate/chat do with such a folder
 
-Format (version 1): config.json is the model's own plus
+Format (version 2): config.json is the model's own plus
 
-    "quantization_config": {"quant_method": "qwen15", "format_version": 1, "weights": "int8" | "int4",
+    "quantization_config": {"quant_method": "qwen15", "format_version": 2, "weights": "int8" | "int4",
                             "group_size": 64, "output_layer": "int8" | "int4"}
 
 and model.safetensors holds, under the Hugging Face name P of each quantized matrix (`model.layers.0.mlp.up_proj`,
 `model.embed_tokens`, an untied `lm_head`): int8 `P.qweight` I8 [N, K] + `P.scales` F32 [N]; int4 `P.qweight` U8
-[N, K/2] in the kernel's nibble order + `P.scales` and `P.mins` BF16 [N, K/group] (a tensor's group size is K over
+[N, K/2] in the kernel's layout (int4.pack; version 1 had another, so its int4 folders are refused) + `P.scales` and `P.mins` BF16 [N, K/group] (a tensor's group size is K over
 its number of scales); `P.bias` and the norms as in any checkpoint, in config.json's torch_dtype (the activation
 dtype). Projections are stored unfused (one tensor per Hugging Face matrix), like the checkpoint they came from.
 transformers does not read this format; `Qwen.from_pretrained` refuses it with a message pointing here.
@@ -36,7 +36,7 @@ from qwen15.quantize.int4 import Int4Embedding, Int4Linear, quantize_int4
 from qwen15.quantize.int8 import Int8Embedding, Int8Linear, quantize_int8
 
 METHOD = "qwen15"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 in the interleaved layout of int4.pack (1: int8 as now, int4 in another layout)
 
 
 def quantization_of(path: str | Path) -> dict[str, Any] | None:
@@ -144,7 +144,11 @@ def load_quantized(
             f"{where}: not a qwen15 quantized folder (quantization_config.quant_method is {method!r}); "
             "qwen15 reads its own int8/int4 folders and unquantized checkpoints"
         )
-    if quant.get("format_version") != FORMAT_VERSION or quant.get("weights") not in ("int8", "int4"):
+    version, weights = quant.get("format_version"), quant.get("weights")
+    if not (version == FORMAT_VERSION or (version == 1 and weights == "int8")) or weights not in (
+        "int8",
+        "int4",
+    ):
         raise CheckpointError(
             f"{where}: quantization_config {quant} is not one this qwen15 reads (format_version "
             f"{FORMAT_VERSION}, weights int8 or int4); convert the original checkpoint again"
