@@ -79,11 +79,11 @@ def source_dir() -> Path:
 
 
 def build() -> Path:
-    """Folder holding llama-bench and llama-quantize (built once; later calls reuse them)."""
+    """Folder holding llama-bench, llama-quantize and llama-completion (the GGUF test's generator); built once."""
     src = source_dir()
     out = cache_dir() / "build"
     bins = out / "bin"
-    if (bins / "llama-bench").exists() and (bins / "llama-quantize").exists():
+    if all((bins / name).exists() for name in ("llama-bench", "llama-quantize", "llama-completion")):
         return bins
     _run(
         [
@@ -94,7 +94,17 @@ def build() -> Path:
         ]
     )  # fmt: skip
     _run(
-        ["cmake", "--build", str(out), "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count())]
+        [
+            "cmake",
+            "--build",
+            str(out),
+            "--target",
+            "llama-bench",
+            "llama-quantize",
+            "llama-completion",
+            "-j",
+            str(os.cpu_count()),
+        ]
     )
     return bins
 
