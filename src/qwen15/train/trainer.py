@@ -202,7 +202,8 @@ class Trainer:
             parts = [model]
         self.document_mask = self._document_mask()
         for part in parts:
-            if self.document_mask:
+            swap = self.document_mask and self.document_backend != "dense"
+            if swap:
                 apply_document_attention(part, self.document_backend)
             parallelize(
                 part,
@@ -212,7 +213,7 @@ class Trainer:
                 activation_checkpointing=cfg.train.activation_checkpointing,
                 compile=cfg.train.compile,
             )
-            if self.document_mask:
+            if swap:
                 pass_documents_to_blocks(part)  # outside activation checkpointing: recomputation sees them
             part.to_empty(device=self.device)
             part.tie_weights()  # to_empty gives a plain module new Parameter objects; re-tie (FSDP keeps them)
@@ -274,7 +275,11 @@ class Trainer:
             f"rank); {len(self.dataset):,} rows in {cfg.data.path}; steps {self.step} -> {cfg.train.steps}"
         )
         if self.dataset.doc_ids is not None:
-            how = {"flex": "FlexAttention block mask", "spans": "causal attention over each document's span"}
+            how = {
+                "flex": "FlexAttention block mask",
+                "spans": "causal attention over each document's span",
+                "dense": "the model's dense document mask",
+            }
             self.log(
                 f"packed rows: attention kept inside each document ({how[self.document_backend]}), positions "
                 "restart per document"
