@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -207,6 +208,9 @@ def llama_cpp_convert(folder: Path, kind: str, out: Path) -> Path:
     env = dict(os.environ, PYTHONPATH=str(CONVERTER.parent / "gguf-py"))
     cmd = [sys.executable, str(CONVERTER), str(folder), "--outtype", kind, "--outfile", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", done.stderr)
+    if missing:  # the oracle's own requirement, not a fault of ours
+        pytest.skip(f"llama.cpp's converter needs the Python module {missing.group(1)!r}")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
