@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_decode_ops.c")]
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-ffp-contract=off"]
 ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 
@@ -75,7 +75,8 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, *ISA, version]).encode()).hexdigest()[:16]
+    texts = [f.read_text() for f in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, *FLAGS, *ISA, version]).encode()).hexdigest()[:16]
     folder = cache_folder()
     target = folder / f"qwen15_cpu_{key}.so"
     if target.exists():
@@ -85,7 +86,10 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *FLAGS, *ISA, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [cc, *FLAGS, *ISA, *map(str, SOURCES), "-lm", "-o", tmp],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
@@ -110,6 +114,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q15_dense_linear.restype = None
     lib.q15_read_bytes.argtypes = [p, i64]
     lib.q15_read_bytes.restype = ctypes.c_double
+    f = ctypes.c_float
+    lib.q15_rms_norm.argtypes = [p, p, p, p, p, i, i64, i64, f]
+    lib.q15_rms_norm.restype = None
+    lib.q15_rope_store.argtypes = [p, p, p, p, p, p, p, i, i64, i64, i64, i64, i64, i64]
+    lib.q15_rope_store.restype = None
+    lib.q15_decode_attention.argtypes = [p, p, p, p, i64, p, i, i64, i64, i64, i64, i64, i64, i64, f]
+    lib.q15_decode_attention.restype = i
+    lib.q15_silu_mul.argtypes = [p, p, i, i64, i64]
+    lib.q15_silu_mul.restype = None
 
 
 def library() -> ctypes.CDLL | None:
@@ -216,6 +229,58 @@ def int4_dequantize(
     w = torch.empty(n, k, dtype=dtype)
     _lib.q15_int4_dequantize(_ptr(q), _ptr(scale), _ptr(mins), group, _ptr(w), _flag(w), n, k)
     return w
+
+
+# ---------------------------------------------------------------- the small operations of a decode step
+# (cpu_decode_ops.c; qwen15.cpu_decode calls them): tensors contiguous, of one dtype (bf16 or fp32), on CPU.
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, y): s = x + residual (x itself without one) and y = RMSNorm(s) * weight, as the model's RMSNorm."""
+    d = x.shape[-1]
+    y = torch.empty_like(x)
+    s = x if residual is None else torch.empty_like(x)
+    _lib.q15_rms_norm(
+        _ptr(x), _ptr(residual), _ptr(s), _ptr(weight), _ptr(y), _flag(x), x.numel() // d, d, eps
+    )
+    return s, y
+
+
+def rope_store(qkv, cos, sin, k_cache, v_cache, slots, heads: int, kv_heads: int, head_dim: int):
+    """Rotated queries [B, heads, head_dim] of qkv [B, (heads + 2 kv_heads) * head_dim]; the rotated keys and
+    the values go to the caches [B', kv_heads, length, head_dim] (rows of B' >= B contiguous from the second
+    dimension) at [b, :, slots[b]]; cos, sin [B, head_dim]."""
+    b = qkv.shape[0]
+    q = torch.empty(b, heads, head_dim, dtype=qkv.dtype)
+    _lib.q15_rope_store(
+        _ptr(qkv), _ptr(cos), _ptr(sin), _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(slots), _flag(qkv),
+        b, heads, kv_heads, head_dim, k_cache.stride(0), k_cache.stride(1),
+    )  # fmt: skip
+    return q
+
+
+def decode_attention(q, k_cache, v_cache, mask, length: int, scale: float) -> torch.Tensor:
+    """[B, heads * head_dim]: each row's query q [B, heads, head_dim] over its keys j < length where mask
+    [B or 1, >= length] (bool, rows contiguous) holds; caches as rope_store's."""
+    b, h, d = q.shape
+    out = torch.empty(b, h * d, dtype=q.dtype)
+    rc = _lib.q15_decode_attention(
+        _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(mask), mask.stride(0) if mask.shape[0] > 1 else 0,
+        _ptr(out), _flag(q), b, h, k_cache.shape[1], d, length, k_cache.stride(0), k_cache.stride(1), scale,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("decode attention kernel: out of memory")
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up of gate_up [M, 2F] (gate, then up): [M, F]."""
+    m, two_f = gate_up.shape
+    y = torch.empty(m, two_f // 2, dtype=gate_up.dtype)
+    _lib.q15_silu_mul(_ptr(gate_up), _ptr(y), _flag(gate_up), m, two_f // 2)
+    return y
 
 
 def read_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5) -> float | None:
