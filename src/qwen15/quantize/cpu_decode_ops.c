@@ -46,21 +46,84 @@ static inline void put(void *p, int bf16, int64_t i, float v) {
 /* v rounded to the dtype (what an eager operation's result holds) */
 static inline float rnd(int bf16, float v) { return bf16 ? from_bf16(to_bf16(v)) : v; }
 
+/* 16 lanes: load as fp32, round to bf16 (nearest even; finite values) and back, store in the dtype */
+static inline __m512 vload(const void *p, int bf16, int64_t i) {
+    if (bf16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __m512i vbf16_bits(__m512 v) { /* the bf16 of each lane, in the high half of its 32 bits */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
+}
+
+static inline __m512 vrnd(int bf16, __m512 v) { return bf16 ? _mm512_castsi512_ps(vbf16_bits(v)) : v; }
+
+static inline void vstore(void *p, int bf16, int64_t i, __m512 v) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(vbf16_bits(v), 16)));
+    else
+        _mm512_storeu_ps((float *)p + i, v);
+}
+
+/* e^x per lane, within ~2 units in the last place of fp32 for |x| < 87 (x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+   polynomial for e^r, times 2^n); below -87.3 the result is 0, as expf's underflows to 0 or a denormal. */
+static inline __m512 vexp(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts (Cody-Waite) */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_mask_mov_ps(e, tiny, _mm512_setzero_ps());
+}
+
+static inline float exp1(float x) { /* the same e^x for one value */
+    float v[16] = {x};
+    _mm512_storeu_ps(v, vexp(_mm512_loadu_ps(v)));
+    return v[0];
+}
+
 /* ------------------------------------------------------------------------------------------------ RMSNorm */
 
 /* With r: s = x + r (rounded, written to s), then y = w * rnd(s * rsqrt(mean(s^2) + eps)); without r (NULL): the
    norm of x. x, r, s, y [M, D]; w [D]; all of one dtype. */
 void q15_rms_norm(const void *x, const void *r, void *s, const void *w, void *y, int bf16, int64_t M, int64_t D,
                   float eps) {
-    float *row = malloc(sizeof(float) * (size_t)D);
+    float *row = malloc(sizeof(float) * (size_t)(D + 16));
     if (!row) return;
+    int64_t D16 = D / 16 * 16;
     for (int64_t m = 0; m < M; m++) {
-        float lanes[16] = {0};
-        for (int64_t d = 0; d < D; d++) {
-            float v = get(x, bf16, m * D + d);
+        int64_t at = m * D;
+        __m512 sq = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D16; d += 16) {
+            __m512 v = vload(x, bf16, at + d);
             if (r) {
-                v = rnd(bf16, v + get(r, bf16, m * D + d));
-                put(s, bf16, m * D + d, v);
+                v = vrnd(bf16, _mm512_add_ps(v, vload(r, bf16, at + d)));
+                vstore(s, bf16, at + d, v);
+            }
+            _mm512_storeu_ps(row + d, v);
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, sq);
+        for (int64_t d = D16; d < D; d++) {
+            float v = get(x, bf16, at + d);
+            if (r) {
+                v = rnd(bf16, v + get(r, bf16, at + d));
+                put(s, bf16, at + d, v);
             }
             row[d] = v;
             lanes[d % 16] += v * v;
@@ -68,7 +131,11 @@ void q15_rms_norm(const void *x, const void *r, void *s, const void *w, void *y,
         float total = 0.0f;
         for (int i = 0; i < 16; i++) total += lanes[i];
         float inv = 1.0f / sqrtf(total / (float)D + eps);
-        for (int64_t d = 0; d < D; d++) put(y, bf16, m * D + d, get(w, bf16, d) * rnd(bf16, row[d] * inv));
+        __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t d = 0; d < D16; d += 16)
+            vstore(y, bf16, at + d,
+                   _mm512_mul_ps(vload(w, bf16, d), vrnd(bf16, _mm512_mul_ps(_mm512_loadu_ps(row + d), vinv))));
+        for (int64_t d = D16; d < D; d++) put(y, bf16, at + d, get(w, bf16, d) * rnd(bf16, row[d] * inv));
     }
     free(row);
 }
@@ -108,14 +175,6 @@ void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, 
 
 /* ------------------------------------------------------------------------------------------------ attention */
 
-/* 16 values from element i of a bf16 or fp32 array, as fp32 */
-static inline __m512 load16f(const void *p, int bf16, int64_t i) {
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
-    return _mm512_loadu_ps((const float *)p + i);
-}
-
 /* One query per row: out [B, H * hd] = softmax(scale * q k^T) v over the keys j < L with mask[b * mstride + j]
    (mstride 0: one mask row for the batch); q [B, H, hd], caches as in q15_rope_store; query head h reads key/value
    head h / (H / KVH); hd a multiple of 16. fp32 throughout, rounded once. Returns -1 if out of memory. */
@@ -126,7 +185,7 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
     int64_t group = H / KVH;
 #pragma omp parallel
     {
-        float *p = malloc(sizeof(float) * (size_t)(L + 1));
+        float *p = malloc(sizeof(float) * (size_t)(L + 16));
         float *qf = malloc(sizeof(float) * (size_t)hd), *acc = malloc(sizeof(float) * (size_t)hd);
         if (!p || !qf || !acc) {
 #pragma omp atomic write
@@ -144,19 +203,24 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
                 if (!keep[j]) continue;
                 __m512 dot = _mm512_setzero_ps();
                 for (int64_t d = 0; d < hd; d += 16)
-                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), load16f(kc, bf16, base + j * hd + d), dot);
+                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), vload(kc, bf16, base + j * hd + d), dot);
                 p[j] = _mm512_reduce_add_ps(dot) * scale;
                 if (p[j] > top) top = p[j];
+            }
+            __m512 vtop = _mm512_set1_ps(top);
+            for (int64_t j = 0; j < L; j += 16) { /* (p has room for the last 16 lanes; masked keys are skipped) */
+                __mmask16 live = (__mmask16)(L - j >= 16 ? 0xffff : (1u << (L - j)) - 1);
+                _mm512_mask_storeu_ps(p + j, live, vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + j), vtop)));
             }
             float total = 0.0f;
             for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
             for (int64_t j = 0; j < L; j++) {
                 if (!keep[j]) continue;
-                float e = expf(p[j] - top);
+                float e = p[j];
                 total += e;
                 __m512 ev = _mm512_set1_ps(e);
                 for (int64_t d = 0; d < hd; d += 16)
-                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ev, load16f(vc, bf16, base + j * hd + d),
+                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ev, vload(vc, bf16, base + j * hd + d),
                                                               _mm512_loadu_ps(acc + d)));
             }
             float inv = total > 0.0f ? 1.0f / total : 0.0f;
@@ -173,9 +237,18 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
 
 /* gu [M, 2F] (gate, then up, per row) -> y [M, F] = rnd(rnd(silu(gate)) * up), as F.silu(gate) * up. */
 void q15_silu_mul(const void *gu, void *y, int bf16, int64_t M, int64_t F) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t f = 0; f < F; f++) {
-            float g = get(gu, bf16, m * 2 * F + f), u = get(gu, bf16, m * 2 * F + F + f);
-            put(y, bf16, m * F + f, rnd(bf16, g / (1.0f + expf(-g))) * u);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t F16 = F / 16 * 16;
+    for (int64_t m = 0; m < M; m++) {
+        int64_t g0 = m * 2 * F, u0 = g0 + F;
+        for (int64_t f = 0; f < F16; f += 16) {
+            __m512 g = vload(gu, bf16, g0 + f);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            vstore(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), vload(gu, bf16, u0 + f)));
         }
+        for (int64_t f = F16; f < F; f++) {
+            float g = get(gu, bf16, g0 + f);
+            put(y, bf16, m * F + f, rnd(bf16, g / (1.0f + exp1(-g))) * get(gu, bf16, u0 + f));
+        }
+    }
 }
