@@ -52,60 +52,70 @@ class CPUDecodeBlock(Block):
         self.mlp = block.mlp
 
     def forward(self, x: torch.Tensor, inputs) -> torch.Tensor:
-        args = self._decode_args(x, inputs)
-        if args is None:
+        step = inputs.__dict__.get("cpu_decode_step")
+        if step is None:  # what every layer of this forward shares, worked out by the first
+            step = inputs.cpu_decode_step = _step_inputs(x, inputs) or False
+        caches = step and self._caches(x, inputs.kv_cache)
+        if not caches:
             return super().forward(x, inputs)
-        return self._decode(x, inputs, *args)
+        return self._decode(x, *caches, *step)
 
-    def _decode_args(self, x: torch.Tensor, inputs):
-        """(k cache, v cache, slots [B], mask [B or 1, L]) when this forward can run the C operations, else None."""
-        cache, mask = inputs.kv_cache, inputs.mask
-        if type(cache) is not KVCache or mask is None or x.dim() != 3 or x.shape[1] != 1 or not _eligible(x):
-            return None  # (a prefill view of the engine's slots is another cache type)
+    def _caches(self, x: torch.Tensor, cache: KVCache):
+        """This layer's (k cache, v cache) when the C operations can read them, else None."""
         attn = self.self_attn
         kc, vc = cache.k[attn.layer_idx], cache.v[attn.layer_idx]
-        if kc is None or kc.dtype != x.dtype or kc.device != x.device or kc.shape[0] < x.shape[0]:
+        if kc is None or kc.dtype != x.dtype or kc.shape[0] < x.shape[0] or kc.shape[3] % 16:
             return None
-        if kc.stride()[2:] != (kc.shape[3], 1) or vc.stride() != kc.stride() or kc.shape[3] % 16:
+        if kc.stride()[2:] != (kc.shape[3], 1) or vc.stride() != kc.stride():
             return None
         nq, nk, nv = attn.qkv_sizes
         if nq % kc.shape[3] or nk != nv or nk != kc.shape[1] * kc.shape[3]:
             return None  # e.g. heads split over processes
-        for norm in (self.input_layernorm, self.post_attention_layernorm):
-            if norm.weight.dtype != x.dtype:
-                return None
-        b, length = x.shape[0], mask.shape[-1]
         if (
-            mask.dtype != torch.bool
-            or mask.shape[-2] != 1
-            or mask.shape[0] not in (1, b)
-            or length > kc.shape[2]
+            self.input_layernorm.weight.dtype != x.dtype
+            or self.post_attention_layernorm.weight.dtype != x.dtype
         ):
             return None
-        if inputs.cos.shape[0] != b or inputs.cos.dtype != x.dtype:
-            return None
-        slots = inputs.cache_positions.reshape(-1)
-        if slots.numel() not in (1, b):
-            return None
-        slots = slots.expand(b).contiguous()
-        return kc, vc, slots, mask.reshape(mask.shape[0], length).contiguous()
+        return kc, vc
 
-    def _decode(self, x, inputs, kc, vc, slots, mask) -> torch.Tensor:
+    def _decode(self, x, kc, vc, slots, mask, cos, sin) -> torch.Tensor:
         attn, mlp = self.self_attn, self.mlp
         b, d = x.shape[0], x.shape[-1]
         hd = kc.shape[3]
         x = x.reshape(b, d).contiguous()
-        _, h = kernels.rms_norm(x, self.input_layernorm.weight.detach(), self.input_layernorm.eps)
+        _, h = kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps)
         qkv = attn.qkv_proj(h).contiguous()
-        cos = inputs.cos.reshape(b, hd).contiguous()
-        sin = inputs.sin.reshape(b, hd).contiguous()
         q = kernels.rope_store(qkv, cos, sin, kc, vc, slots, attn.qkv_sizes[0] // hd, kc.shape[1], hd)
         out = kernels.decode_attention(q, kc, vc, mask, mask.shape[1], hd**-0.5)
         o = attn.o_proj(out).contiguous()
         norm = self.post_attention_layernorm
-        x, h = kernels.rms_norm(x, norm.weight.detach(), norm.eps, residual=o)
+        x, h = kernels.rms_norm(x, norm.weight, norm.eps, residual=o)
         act = kernels.silu_mul(mlp.gate_up_proj(h).contiguous())
         return (x + mlp.down_proj(act)).view(b, 1, d)
+
+
+def _step_inputs(x: torch.Tensor, inputs):
+    """(slots [B], mask [B or 1, L], cos, sin [B, head_dim]) of a forward that feeds one token per row with a KV
+    cache under inference, else None (a prompt, autograd, the engine's prefill view: another cache type)."""
+    cache, mask = inputs.kv_cache, inputs.mask
+    if type(cache) is not KVCache or mask is None or x.dim() != 3 or x.shape[1] != 1 or not _eligible(x):
+        return None
+    b, length = x.shape[0], mask.shape[-1]
+    if (
+        mask.dtype != torch.bool
+        or mask.shape[-2] != 1
+        or mask.shape[0] not in (1, b)
+        or length > cache.max_len
+    ):
+        return None
+    if inputs.cos.shape[0] != b or inputs.cos.dtype != x.dtype:
+        return None
+    slots = inputs.cache_positions.reshape(-1)
+    if slots.numel() not in (1, b):
+        return None
+    hd = inputs.cos.shape[-1]
+    cos, sin = (t.reshape(b, hd).contiguous() for t in (inputs.cos, inputs.sin))
+    return slots.expand(b).contiguous(), mask.reshape(mask.shape[0], length).contiguous(), cos, sin
 
 
 def use_cpu_decode_ops(model: nn.Module) -> bool:

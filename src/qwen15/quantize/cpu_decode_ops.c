@@ -155,6 +155,18 @@ void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, 
             int64_t at = b * width + h * hd;
             void *dst = h < H ? q : kc;
             int64_t out = h < H ? (b * H + h) * hd : b * crow + (h - H) * chead + slots[b] * hd;
+            if (half % 16 == 0) {
+                for (int64_t d = 0; d < half; d += 16) {
+                    __m512 x1 = vload(qkv, bf16, at + d), x2 = vload(qkv, bf16, at + d + half);
+                    __m512 c1 = vload(cos, bf16, b * hd + d), c2 = vload(cos, bf16, b * hd + d + half);
+                    __m512 s1 = vload(sin, bf16, b * hd + d), s2 = vload(sin, bf16, b * hd + d + half);
+                    __m512 lo = _mm512_sub_ps(vrnd(bf16, _mm512_mul_ps(x1, c1)), vrnd(bf16, _mm512_mul_ps(x2, s1)));
+                    __m512 up = _mm512_add_ps(vrnd(bf16, _mm512_mul_ps(x2, c2)), vrnd(bf16, _mm512_mul_ps(x1, s2)));
+                    vstore(dst, bf16, out + d, lo);
+                    vstore(dst, bf16, out + d + half, up);
+                }
+                continue;
+            }
             for (int64_t d = 0; d < hd; d++) {
                 float x = get(qkv, bf16, at + d);
                 float other = d < half ? -get(qkv, bf16, at + d + half) : get(qkv, bf16, at + d - half);
