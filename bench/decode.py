@@ -416,7 +416,11 @@ def main(argv=None) -> int:
                 ]
             else:
                 cells += ["-", "-", "-"]
-        cells += [f"{ours_rate / roofline:.0%} of {roofline:.0f}", same, describe(ours)]
+        cells += [
+            f"{ours_rate / roofline:.0%} of {roofline:.0f}",
+            same,
+            getattr(ours, "inference_format", None) or describe(ours),
+        ]
         print("| " + " | ".join(cells) + " |", flush=True)
         if args.prefill and batch == min(args.batch):
             prefill_lines.append(prefill_row(args, weights, ours, hf, llama, device))
