@@ -24,7 +24,10 @@ def _eligible(x: torch.Tensor) -> bool:
     """CPU, bf16/fp32, and no autograd (the engine decodes under inference_mode; the C operations have no
     backward)."""
     return (
-        x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and not torch.is_grad_enabled()
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # (a compiled step traces the model's own code)
     )
 
 
