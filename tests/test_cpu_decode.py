@@ -191,3 +191,11 @@ def test_engine_generates_the_tokens_of_the_model_code():
         for m in (fast, eager)
     ]
     assert outs[0] == outs[1]
+
+
+def test_shapes_the_operations_do_not_cover_keep_the_model_code():
+    """Widths that are not whole 16-lane vectors (head_dim 48 here) are left to the model's code."""
+    cfg = get_preset("tiny").replace(hidden_size=96, num_attention_heads=2, num_key_value_heads=2)
+    model = prepare_for_inference(Qwen(cfg))
+    assert "C decode operations" not in model.inference_format
+    assert all(type(b) is Block for b in model.layers.values())

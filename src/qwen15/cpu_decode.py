@@ -40,7 +40,7 @@ class CPUDecodeRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _eligible(x) and x.dtype == self.weight.dtype and x.is_contiguous():
-            return kernels.rms_norm(x, self.weight.detach(), self.eps)[1]
+            return kernels.rms_norm(x, self.weight, self.eps)[1]
         return super().forward(x)
 
 
@@ -67,7 +67,7 @@ class CPUDecodeBlock(Block):
         """This layer's (k cache, v cache) when the C operations can read them, else None."""
         attn = self.self_attn
         kc, vc = cache.k[attn.layer_idx], cache.v[attn.layer_idx]
-        if kc is None or kc.dtype != x.dtype or kc.shape[0] < x.shape[0] or kc.shape[3] % 16:
+        if kc is None or kc.dtype != x.dtype or kc.shape[0] < x.shape[0]:
             return None
         if kc.stride()[2:] != (kc.shape[3], 1) or vc.stride() != kc.stride():
             return None
@@ -124,9 +124,11 @@ def _step_inputs(x: torch.Tensor, inputs):
 def use_cpu_decode_ops(model: nn.Module) -> bool:
     """Swap the blocks (of fused projections) and norms of a CPU bf16/fp32 model for the variants above, in place,
     where the C operations build here; returns whether it did."""
-    p = next(model.parameters())
+    p, cfg = next(model.parameters()), model.config
     if p.device.type != "cpu" or kernels.library() is None:
         return False
+    if cfg.hidden_size % 16 or cfg.intermediate_size % 16 or cfg.head_dim % 32:
+        return False  # the C operations run whole 16-lane vectors (every Qwen1.5 size fits)
     if any(type(t).__name__ == "DTensor" for t in model.parameters()):
         return False  # a tensor-parallel split: the model's own code
     blocks = model.layers.values()

@@ -17,7 +17,8 @@ def prepare_for_inference(
 ) -> nn.Module:
     """In place, for generation only: fused q/k/v and gate/up projections, then int8 or int4 weights
     (`quantize="int8"|"int4"`, int4 in groups of `group_size` columns, default 64) or, on CPU, matrices prepacked
-    for oneDNN; on CPU the small operations of decode steps fused (qwen15.cpu_decode). A model loaded quantized (qwen15.quantize.load_quantized) keeps its weights. Returns the model;
+    for oneDNN; on CPU the small operations of decode steps fused (qwen15.cpu_decode). A model loaded quantized
+    (qwen15.quantize.load_quantized) keeps its weights. Returns the model;
     `model.inference_format` says what was done (format and kernel, one line). The outputs stay those of the model
     (exactly for packing, to rounding for fusion; int8/int4 approximate)."""
     quantize = quantize or "none"

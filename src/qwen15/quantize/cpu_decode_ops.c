@@ -17,35 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float from_bf16(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float get(const void *p, int bf16, int64_t i) {
-    return bf16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void put(void *p, int bf16, int64_t i, float v) {
-    if (bf16)
-        ((uint16_t *)p)[i] = to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
-/* v rounded to the dtype (what an eager operation's result holds) */
-static inline float rnd(int bf16, float v) { return bf16 ? from_bf16(to_bf16(v)) : v; }
-
 /* 16 lanes: load as fp32, round to bf16 (nearest even; finite values) and back, store in the dtype */
 static inline __m512 vload(const void *p, int bf16, int64_t i) {
     if (bf16)
@@ -90,62 +61,38 @@ static inline __m512 vexp(__m512 x) {
     return _mm512_mask_mov_ps(e, tiny, _mm512_setzero_ps());
 }
 
-static inline float exp1(float x) { /* the same e^x for one value */
-    float v[16] = {x};
-    _mm512_storeu_ps(v, vexp(_mm512_loadu_ps(v)));
-    return v[0];
-}
-
 /* ------------------------------------------------------------------------------------------------ RMSNorm */
 
 /* With r: s = x + r (rounded, written to s), then y = w * rnd(s * rsqrt(mean(s^2) + eps)); without r (NULL): the
-   norm of x. x, r, s, y [M, D]; w [D]; all of one dtype. */
+   norm of x. x, r, s, y [M, D]; w [D]; all of one dtype; D a multiple of 16. The second pass reads the rounded
+   sum back from s (or x), so no buffer is needed. */
 void q15_rms_norm(const void *x, const void *r, void *s, const void *w, void *y, int bf16, int64_t M, int64_t D,
                   float eps) {
-    float *row = malloc(sizeof(float) * (size_t)(D + 16));
-    if (!row) return;
-    int64_t D16 = D / 16 * 16;
+    const void *src = r ? s : x;
     for (int64_t m = 0; m < M; m++) {
         int64_t at = m * D;
         __m512 sq = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D16; d += 16) {
+        for (int64_t d = 0; d < D; d += 16) {
             __m512 v = vload(x, bf16, at + d);
             if (r) {
                 v = vrnd(bf16, _mm512_add_ps(v, vload(r, bf16, at + d)));
                 vstore(s, bf16, at + d, v);
             }
-            _mm512_storeu_ps(row + d, v);
             sq = _mm512_fmadd_ps(v, v, sq);
         }
-        float lanes[16];
-        _mm512_storeu_ps(lanes, sq);
-        for (int64_t d = D16; d < D; d++) {
-            float v = get(x, bf16, at + d);
-            if (r) {
-                v = rnd(bf16, v + get(r, bf16, at + d));
-                put(s, bf16, at + d, v);
-            }
-            row[d] = v;
-            lanes[d % 16] += v * v;
-        }
-        float total = 0.0f;
-        for (int i = 0; i < 16; i++) total += lanes[i];
-        float inv = 1.0f / sqrtf(total / (float)D + eps);
-        __m512 vinv = _mm512_set1_ps(inv);
-        for (int64_t d = 0; d < D16; d += 16)
+        __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)D + eps));
+        for (int64_t d = 0; d < D; d += 16)
             vstore(y, bf16, at + d,
-                   _mm512_mul_ps(vload(w, bf16, d), vrnd(bf16, _mm512_mul_ps(_mm512_loadu_ps(row + d), vinv))));
-        for (int64_t d = D16; d < D; d++) put(y, bf16, at + d, get(w, bf16, d) * rnd(bf16, row[d] * inv));
+                   _mm512_mul_ps(vload(w, bf16, d), vrnd(bf16, _mm512_mul_ps(vload(src, bf16, at + d), inv))));
     }
-    free(row);
 }
 
 /* ------------------------------------------------------------------------------------------------ rotary */
 
 /* qkv [B, (H + 2 KVH) * hd] (queries, keys, values of one new token per row); cos, sin [B, hd]. Writes the rotated
    queries to q [B, H, hd], the rotated keys and the values to the caches at [b, head, slots[b], :] (cache element
-   offset b * crow + head * chead + slot * hd). Rotation as the reference: x * cos + rotate_half(x) * sin, each
-   product and the sum rounded. */
+   offset b * crow + head * chead + slot * hd); hd a multiple of 32. Rotation as the reference: x * cos +
+   rotate_half(x) * sin, each product and the sum rounded (rotate_half's negation is exact). */
 void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, void *kc, void *vc,
                     const int64_t *slots, int bf16, int64_t B, int64_t H, int64_t KVH, int64_t hd, int64_t crow,
                     int64_t chead) {
@@ -155,24 +102,14 @@ void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, 
             int64_t at = b * width + h * hd;
             void *dst = h < H ? q : kc;
             int64_t out = h < H ? (b * H + h) * hd : b * crow + (h - H) * chead + slots[b] * hd;
-            if (half % 16 == 0) {
-                for (int64_t d = 0; d < half; d += 16) {
-                    __m512 x1 = vload(qkv, bf16, at + d), x2 = vload(qkv, bf16, at + d + half);
-                    __m512 c1 = vload(cos, bf16, b * hd + d), c2 = vload(cos, bf16, b * hd + d + half);
-                    __m512 s1 = vload(sin, bf16, b * hd + d), s2 = vload(sin, bf16, b * hd + d + half);
-                    __m512 lo = _mm512_sub_ps(vrnd(bf16, _mm512_mul_ps(x1, c1)), vrnd(bf16, _mm512_mul_ps(x2, s1)));
-                    __m512 up = _mm512_add_ps(vrnd(bf16, _mm512_mul_ps(x2, c2)), vrnd(bf16, _mm512_mul_ps(x1, s2)));
-                    vstore(dst, bf16, out + d, lo);
-                    vstore(dst, bf16, out + d + half, up);
-                }
-                continue;
-            }
-            for (int64_t d = 0; d < hd; d++) {
-                float x = get(qkv, bf16, at + d);
-                float other = d < half ? -get(qkv, bf16, at + d + half) : get(qkv, bf16, at + d - half);
-                float a = rnd(bf16, x * get(cos, bf16, b * hd + d));
-                float c = rnd(bf16, other * get(sin, bf16, b * hd + d));
-                put(dst, bf16, out + d, a + c);
+            for (int64_t d = 0; d < half; d += 16) {
+                __m512 x1 = vload(qkv, bf16, at + d), x2 = vload(qkv, bf16, at + d + half);
+                __m512 c1 = vload(cos, bf16, b * hd + d), c2 = vload(cos, bf16, b * hd + d + half);
+                __m512 s1 = vload(sin, bf16, b * hd + d), s2 = vload(sin, bf16, b * hd + d + half);
+                __m512 lo = _mm512_sub_ps(vrnd(bf16, _mm512_mul_ps(x1, c1)), vrnd(bf16, _mm512_mul_ps(x2, s1)));
+                __m512 up = _mm512_add_ps(vrnd(bf16, _mm512_mul_ps(x2, c2)), vrnd(bf16, _mm512_mul_ps(x1, s2)));
+                vstore(dst, bf16, out + d, lo);
+                vstore(dst, bf16, out + d + half, up);
             }
         }
         for (int64_t h = 0; h < KVH; h++) {
@@ -189,7 +126,8 @@ void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, 
 
 /* One query per row: out [B, H * hd] = softmax(scale * q k^T) v over the keys j < L with mask[b * mstride + j]
    (mstride 0: one mask row for the batch); q [B, H, hd], caches as in q15_rope_store; query head h reads key/value
-   head h / (H / KVH); hd a multiple of 16. fp32 throughout, rounded once. Returns -1 if out of memory. */
+   head h / (H / KVH); hd a multiple of 32 (as for q15_rope_store). fp32 throughout, rounded once. Returns -1 if
+   out of memory. */
 int q15_decode_attention(const void *q, const void *kc, const void *vc, const uint8_t *mask, int64_t mstride,
                          void *out, int bf16, int64_t B, int64_t H, int64_t KVH, int64_t hd, int64_t L,
                          int64_t crow, int64_t chead, float scale) {
@@ -209,7 +147,7 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
             int64_t b = bh / H, h = bh % H;
             const uint8_t *keep = mask + b * mstride;
             int64_t base = b * crow + (h / group) * chead;
-            for (int64_t d = 0; d < hd; d++) qf[d] = get(q, bf16, bh * hd + d);
+            for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(qf + d, vload(q, bf16, bh * hd + d));
             float top = -INFINITY;
             for (int64_t j = 0; j < L; j++) {
                 if (!keep[j]) continue;
@@ -236,7 +174,8 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
                                                               _mm512_loadu_ps(acc + d)));
             }
             float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            for (int64_t d = 0; d < hd; d++) put(out, bf16, bh * hd + d, acc[d] * inv);
+            for (int64_t d = 0; d < hd; d += 16)
+                vstore(out, bf16, bh * hd + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(inv)));
         }
         free(p);
         free(qf);
@@ -247,20 +186,14 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
 
 /* ------------------------------------------------------------------------------------------------ SiLU * up */
 
-/* gu [M, 2F] (gate, then up, per row) -> y [M, F] = rnd(rnd(silu(gate)) * up), as F.silu(gate) * up. */
+/* gu [M, 2F] (gate, then up, per row) -> y [M, F] = rnd(rnd(silu(gate)) * up), as F.silu(gate) * up; F a multiple
+   of 16. */
 void q15_silu_mul(const void *gu, void *y, int bf16, int64_t M, int64_t F) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    int64_t F16 = F / 16 * 16;
-    for (int64_t m = 0; m < M; m++) {
-        int64_t g0 = m * 2 * F, u0 = g0 + F;
-        for (int64_t f = 0; f < F16; f += 16) {
-            __m512 g = vload(gu, bf16, g0 + f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t f = 0; f < F; f += 16) {
+            __m512 g = vload(gu, bf16, m * 2 * F + f);
             __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            vstore(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), vload(gu, bf16, u0 + f)));
+            vstore(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), vload(gu, bf16, m * 2 * F + F + f)));
         }
-        for (int64_t f = F16; f < F; f++) {
-            float g = get(gu, bf16, g0 + f);
-            put(y, bf16, m * F + f, rnd(bf16, g / (1.0f + exp1(-g))) * get(gu, bf16, u0 + f));
-        }
-    }
 }

@@ -232,7 +232,8 @@ def int4_dequantize(
 
 
 # ---------------------------------------------------------------- the small operations of a decode step
-# (cpu_decode_ops.c; qwen15.cpu_decode calls them): tensors contiguous, of one dtype (bf16 or fp32), on CPU.
+# (cpu_decode_ops.c; qwen15.cpu_decode calls them): tensors contiguous, of one dtype (bf16 or fp32), on CPU;
+# widths in whole 16-lane vectors (hidden and feed-forward sizes multiples of 16, head_dim of 32).
 
 
 def rms_norm(
