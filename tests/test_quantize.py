@@ -129,9 +129,9 @@ def test_quantized_model_keeps_bf16_activations_and_generates():
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-mha"])
 def test_cpu_prepacked_bf16_is_bit_identical(name):
-    """Prompts of >= PREFILL_ROWS rows (2 x 9 here) run the plain product: bit-identical; the decode steps of
-    generate (2 rows) run the dense kernel where it builds (test_dense_decode_kernel_is_the_product_to_rounding):
-    the same greedy tokens here."""
+    """Prompts longer than the kernels take (3 x 24 rows here: > AMX_ROWS and >= PREFILL_ROWS) run the plain
+    product: bit-identical; the decode steps of generate (2 rows) run our kernels where they build
+    (test_dense_decode_kernel_is_the_product_to_rounding): the same greedy tokens here."""
     from qwen15.quantize import PackedLinear, can_pack_for_cpu, pack_for_cpu
 
     cfg = get_preset(name).replace(vocab_size=1000)
@@ -142,7 +142,7 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
     assert isinstance(packed.lm_head, PackedLinear) and isinstance(
         packed.layers["0"].mlp.up_proj, PackedLinear
     )
-    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(plain(ids), packed(ids))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
@@ -152,14 +152,19 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 15])
-@pytest.mark.parametrize("shape, bias", [((100, 384), True), ((37, 1000), False), ((5, 64), True)])
-def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias):
-    """PackedLinear at decode rows (< PREFILL_ROWS) on the AVX-512 dense kernel: fp32 sums in another order than
+@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 17, 33, 64])
+@pytest.mark.parametrize(
+    "shape, bias",
+    [((100, 384), True), ((37, 1000), False), ((5, 64), True), ((48, 384), True), ((80, 1024), False)],
+)
+def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias, monkeypatch):
+    """PackedLinear at decode rows on our kernels (bf16 on AMX tiles at 2 to AMX_ROWS rows where the CPU has them and
+    the widths fit: rows of 16, columns of 32; else AVX-512 below PREFILL_ROWS): fp32 sums in another order than
     oneDNN's, so not bit-identical to the plain product; bound against an fp64 oracle of the same bf16/fp32
     inputs: bf16 within one bf16 rounding of the output (2^-8 relative) plus the fp32 summation error, which the
     plain product (F.linear) meets too; fp32 within 1e-5 of the output's scale."""
     from qwen15.quantize import PackedLinear, kernels
+    from qwen15.quantize.int8 import PREFILL_ROWS
 
     if not kernels.dense_kernel(dtype):
         pytest.skip(
@@ -171,8 +176,22 @@ def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g))
     packed = PackedLinear(lin)
+    fits = dtype == torch.bfloat16 and n % 16 == 0 and k % 32 == 0
+    assert packed.amx == (fits and kernels.amx_bf16())
+    ran = []
+
+    def counted(name):
+        run = getattr(kernels, name)
+        return lambda *args: ran.append(name) or run(*args)
+
+    for name in ("amx_linear", "dense_linear"):
+        monkeypatch.setattr(kernels, name, counted(name))
     x = torch.randn(1, rows, k, generator=g).to(dtype)
     out, plain = packed(x), F.linear(x, lin.weight, lin.bias)
+    if rows >= PREFILL_ROWS and not packed.amx:  # no kernel for this many rows: the plain product
+        assert ran == [] and torch.equal(out, plain)
+        return
+    assert ran == ["amx_linear" if packed.amx and rows > 1 else "dense_linear"]
     assert packed.kernel and out.dtype == dtype and out.shape == (1, rows, n)
     ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
     scale = ref.abs().max().item()
@@ -182,8 +201,8 @@ def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias
         bound = 2**-8 * ref.abs() + 1e-6 * scale
         assert ((out.double() - ref).abs() <= bound).all()
         assert ((plain.double() - ref).abs() <= bound).all()
-    # prompts (>= PREFILL_ROWS rows) take the plain product, bit-identical
-    long = torch.randn(1, 20, k, generator=g).to(dtype)
+    # prompts (> AMX_ROWS and >= PREFILL_ROWS rows) take the plain product, bit-identical
+    long = torch.randn(1, 80, k, generator=g).to(dtype)
     assert torch.equal(packed(long), F.linear(long, lin.weight, lin.bias))
 
 
@@ -404,7 +423,12 @@ def test_describe_names_the_format_and_kernel():
     assert describe(bf16) == "bf16 weights"
     if can_pack := torch.backends.mkldnn.is_available():
         packed = describe(pack_for_cpu(Qwen.from_config(cfg, seed=0, dtype=torch.bfloat16)))
-        if kernels.dense_kernel(torch.bfloat16):
+        if kernels.amx_bf16():  # the output layer's 1000 rows are not a multiple of 16: AVX-512 there
+            assert (
+                packed
+                == "bf16 weights, AMX (14 of 15 matrices) and AVX-512 kernel for decode, oneDNN for prompts"
+            )
+        elif kernels.dense_kernel(torch.bfloat16):
             assert packed == "bf16 weights, AVX-512 kernel for decode, oneDNN for prompts"
         else:
             assert packed == "bf16 weights, oneDNN-packed"
@@ -578,3 +602,23 @@ def test_kernels_build_into_an_empty_cache_or_fall_back_with_the_reason(tmp_path
     elif kernels.library() is not None:  # this machine can run them: a fresh cache must get them too
         assert "AVX-512 VNNI kernel" in out.stdout and len(built) == 1
         assert not list((tmp_path / "cache").glob("*.partial"))
+
+
+@pytest.mark.parametrize("rows", [2, 65, 130])
+def test_amx_kernel_at_any_rows(rows):
+    """kernels.amx_linear itself (panels of 64 rows over the same weight rows, a zero-padded last block) within
+    the bound of test_dense_decode_kernel_is_the_product_to_rounding, beyond the rows PackedLinear gives it."""
+    from qwen15.quantize import kernels
+
+    if not kernels.dense_kernel(torch.bfloat16) or not kernels.amx_bf16():
+        pytest.skip(
+            f"no AMX bf16 kernel here ({kernels.unavailable_reason() or 'no AMX tiles or compiler support'})"
+        )
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 384, generator=g).bfloat16()
+    w = torch.randn(96, 384, generator=g).bfloat16()
+    bias = torch.randn(96, generator=g)
+    out = kernels.amx_linear(x, w, bias)
+    ref = x.double() @ w.double().T + bias.double()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
+    assert ((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * ref.abs().max()).all()

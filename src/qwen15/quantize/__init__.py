@@ -78,7 +78,15 @@ def describe(model: nn.Module) -> str:
         return f"{blocks} weights{group}, output layer {out}, {act} activations, {kernel}"
     packed = [m for m in mods if isinstance(m, PackedLinear)]
     if packed and all(m.kernel for m in packed):
-        return f"{act} weights, AVX-512 kernel for decode, oneDNN for prompts"
+        amx = sum(m.amx for m in packed)
+        kernel = (
+            "AVX-512"
+            if not amx
+            else "AMX"
+            if amx == len(packed)
+            else f"AMX ({amx} of {len(packed)} matrices) and AVX-512"
+        )
+        return f"{act} weights, {kernel} kernel for decode, oneDNN for prompts"
     return f"{act} weights" + (", oneDNN-packed" if packed else "")
 
 

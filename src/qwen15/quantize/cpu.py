@@ -1,12 +1,13 @@
-"""bf16 and fp32 matrices for generation on CPU (`pack_for_cpu`): decode on our AVX-512 kernel, prompts on oneDNN.
+"""bf16 and fp32 matrices for generation on CPU (`pack_for_cpu`): decode on our kernels, prompts on oneDNN.
 
-Decode multiplies a few rows by each matrix: bound by reading the weights. oneDNN's products at 1-15 rows read
-them below the memory's bandwidth here, and at 8 rows slower than at 1 (bench/kernels.py), so where the AVX-512
-kernels build (kernels.dense_kernel) a product of fewer than PREFILL_ROWS rows runs kernels.dense_linear on the
-plain weight (bf16: vdpbf16ps, fp32 sums; fp32: fma), which reads each weight once for up to 8 rows; longer inputs
-(prompts) run torch's F.linear (oneDNN / MKL). Without the kernels the weight is prepacked for oneDNN instead
-(about 1.5x faster than a plain weight, which oneDNN reorders on every call; fp32: torch's default product uses one
-thread for these shapes, oneDNN all). The transform changes the model in place and makes it inference-only.
+Decode multiplies a few rows by each matrix: bound by reading the weights. oneDNN's products at 1-32 rows read
+them below the memory's bandwidth here, and at 8 rows slower than at 1 (bench/kernels.py), so where our kernels
+build, the products of decode run on the plain weight, which they read once for all rows: bf16 on AMX tiles
+(kernels.amx_linear, 2 to AMX_ROWS rows) where the CPU has them, else AVX-512 (kernels.dense_linear: vdpbf16ps or
+fma, fp32 sums, fewer than PREFILL_ROWS rows); longer inputs (prompts) run torch's F.linear (oneDNN / MKL). Without
+the kernels the weight is prepacked for oneDNN instead (about 1.5x faster than a plain weight, which oneDNN reorders
+on every call; fp32: torch's default product uses one thread for these shapes, oneDNN all). The transform changes
+the model in place and makes it inference-only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from qwen15.quantize.int8 import PREFILL_ROWS
 
 
 class PackedLinear(nn.Module):
-    """nn.Linear (bf16 or fp32, CPU) for generation: the AVX-512 dense kernel for decode where it runs, else the
+    """nn.Linear (bf16 or fp32, CPU) for generation: our AMX or AVX-512 kernel for decode where it runs, else the
     weight prepacked for oneDNN."""
 
     def __init__(self, linear: nn.Linear):
@@ -28,6 +29,7 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         w = linear.weight.detach()
         self.kernel = kernels.dense_kernel(w.dtype)
+        self.amx = self.kernel and kernels.amx_fits(w)
         if self.kernel:
             self.register_buffer("weight", w.contiguous())
             self._bias32 = None if linear.bias is None else linear.bias.detach().float().contiguous()
@@ -39,13 +41,22 @@ class PackedLinear(nn.Module):
         if not self.kernel:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] < PREFILL_ROWS and x.dtype == self.weight.dtype:
-            y = kernels.dense_linear(x2.contiguous(), self.weight, self._bias32)
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        rows, run = x2.shape[0], None
+        if x.dtype == self.weight.dtype:
+            # one row: AVX-512, as fast or a little faster (both read the weights at the memory's speed)
+            if self.amx and 1 < rows <= kernels.AMX_ROWS:
+                run = kernels.amx_linear
+            elif rows < PREFILL_ROWS:
+                run = kernels.dense_linear
+        if run is None:
+            return F.linear(x, self.weight, self.bias)
+        y = run(x2.contiguous(), self.weight, self._bias32)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        how = "avx512 kernel for decode, oneDNN for prompts" if self.kernel else "onednn-packed"
+        how = "onednn-packed"
+        if self.kernel:
+            how = f"{'amx' if self.amx else 'avx512'} kernel for decode, oneDNN for prompts"
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 

@@ -1,16 +1,17 @@
-"""The AVX-512 VNNI int8/int4 CPU kernels (cpu_kernels.c): built once with the system C compiler, loaded with
-ctypes, called on torch tensors.
+"""Our CPU kernels (int8/int4/dense products: cpu_kernels.c; AMX bf16 products: cpu_amx.c; the small operations of
+a decode step: cpu_decode_ops.c): built once with the system C compiler, loaded with ctypes, called on torch tensors.
 
 Why our own kernel: PyTorch's weight-only CPU kernels dequantize each weight to fp32 and multiply in fp32, which is
 compute-bound on two cores, so a batch-1 decode step cannot reach the bandwidth that int8 or int4 weights would
 allow; these multiply int8 by int8 (VNNI), with the activations quantized per block of 64 columns on the fly
 (bench/RESULTS.md has the comparison of candidates).
 
-Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni` on one C file that includes only
+Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni` on the C files, which include only
 the compiler's own headers, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a
 hash of the source, flags and compiler version; built beside the target and renamed, so concurrent first runs are
 safe. Needs only a C compiler (gcc >= 8 or clang >= 6) on Linux x86-64 with AVX-512 VNNI (Intel Ice Lake / Sapphire
-Rapids and later, AMD Zen 4 and later). Without either, or with QWEN15_CPU_KERNELS=0, `library()` returns None and
+Rapids and later, AMD Zen 4 and later); the AMX product also needs AMX tiles (Sapphire Rapids and later) and gcc >= 11
+or clang >= 12, else bf16 decode keeps the AVX-512 kernel. Without either, or with QWEN15_CPU_KERNELS=0, `library()` returns None and
 the quantized modules fall back to torch's kernels; `unavailable_reason()` says why.
 """
 
@@ -27,14 +28,19 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_decode_ops.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_decode_ops.c", "cpu_amx.c")]
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-ffp-contract=off"]
 ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 
+AMX_ROWS = (
+    64  # PackedLinear runs amx_linear up to this many rows; longer inputs (prompts) keep oneDNN's product
+)
+
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
+_amx: bool | None = None
 
 
 def cache_folder() -> Path:
@@ -64,6 +70,20 @@ def dense_kernel(dtype: torch.dtype) -> bool:
     if dtype not in (torch.bfloat16, torch.float32) or library() is None:
         return False
     return dtype == torch.float32 or "avx512_bf16" in _cpu_flags()
+
+
+def amx_bf16() -> bool:
+    """Whether amx_linear runs here: a CPU with AMX bf16 tiles, a compiler that knows them, and the kernel granting
+    this process the tile state (QWEN15_AMX=0 turns it off, leaving the AVX-512 kernel)."""
+    global _amx
+    if _amx is None:
+        _amx = (
+            os.environ.get("QWEN15_AMX", "1") != "0"
+            and dense_kernel(torch.bfloat16)
+            and {"amx_tile", "amx_bf16"} <= _cpu_flags()
+            and _lib.q15_amx_init() == 0
+        )
+    return _amx
 
 
 def _compiler() -> str | None:
@@ -112,6 +132,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q15_int4_dequantize.restype = None
     lib.q15_dense_linear.argtypes = [p, p, i, p, p, i64, i64, i64]
     lib.q15_dense_linear.restype = None
+    lib.q15_amx_init.argtypes = []
+    lib.q15_amx_init.restype = i
+    lib.q15_amx_bf16_linear.argtypes = [p, p, p, p, i64, i64, i64]
+    lib.q15_amx_bf16_linear.restype = i
     lib.q15_read_bytes.argtypes = [p, i64]
     lib.q15_read_bytes.restype = ctypes.c_double
     f = ctypes.c_float
@@ -212,6 +236,22 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     y = torch.empty(m, n, dtype=x.dtype)
     _lib.q15_dense_linear(_ptr(x), _ptr(w), _flag(x), _ptr(bias), _ptr(y), m, n, k)
     return y
+
+
+def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T + bias fp32 [N] -> [M, N] on AMX tiles: bf16, M >= 1, N a multiple of 16,
+    K of 32 (see amx_fits); needs amx_bf16()."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if _lib.q15_amx_bf16_linear(_ptr(x), _ptr(w), _ptr(bias), _ptr(y), m, n, k) != 0:
+        raise MemoryError("AMX kernel: out of memory")
+    return y
+
+
+def amx_fits(w: torch.Tensor) -> bool:
+    """Whether amx_linear takes this weight: bf16 [N, K] with N a multiple of 16 and K of 32 (every Qwen1.5 matrix)."""
+    return w.dtype == torch.bfloat16 and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0 and amx_bf16()
 
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
