@@ -30,6 +30,48 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [5, 16, 17, 100, 151936])
+def test_argmax_is_torch_argmax(dtype, n):
+    """kernels.argmax (the greedy pick on CPU) = torch.argmax, on the cases where a lane-wise scan could go wrong:
+    ties (first index), the maximum in the tail past the last 16 lanes, all -inf, +inf twice, NaN (the first NaN
+    wins, as in torch), and a column slice (the engine's valid-vocabulary view)."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(12, n, generator=g).to(dtype)
+    inner = min(5, n - 2)
+    x[1, inner] = x[1, n - 1] = float("nan")
+    x[2] = float("-inf")
+    x[3] = 1.0
+    x[4, n // 2 :] = 100.0
+    x[5, inner] = x[5, n - 1] = float("inf")
+    x[6, n - 1] = 1e4
+    x[9, 0] = x[9, 1] = 1e4  # a tie
+    x[7, 0] = float("nan")
+    x[8, n - 1] = float("nan")
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    cut = x[:, : n - 1]
+    assert torch.equal(kernels.argmax(cut), cut.argmax(-1))
+
+
+def test_greedy_sampling_reads_bf16_logits_as_fp32():
+    """sample() picks greedy rows from the model's bf16 logits (no fp32 copy) with the ids past valid_vocab left
+    out, and reports log-probabilities from fp32 ones: the same as from the fp32 logits."""
+    from qwen15.engine.sampler import RowState, sample
+    from qwen15.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=g).bfloat16()
+    logits[0, 990] = 50.0  # past valid_vocab: never picked
+    greedy = SamplingParams(temperature=0.0)
+    rows = [RowState(greedy, None, None, [], 1000, "cpu") for _ in range(5)]
+    rows.append(RowState(greedy, None, 3, [], 1000, "cpu"))
+    a = sample(logits, rows, valid_vocab=900)
+    b = sample(logits.float(), rows, valid_vocab=900)
+    assert torch.equal(a.tokens, b.tokens) and a.tokens.max() < 900
+    assert torch.equal(a.top_ids, b.top_ids) and torch.equal(a.top_logprobs, b.top_logprobs)
+    assert torch.equal(a.chosen, b.chosen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_and_residual_add(dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 1024, generator=g).to(dtype)

@@ -135,10 +135,11 @@ class ScriptedModel(torch.nn.Module):
         self.scripts = scripts
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.prompt_lens = None
+        self.lm_head = torch.nn.Identity()  # its "hidden states" are the logits already
 
     def forward(self, input_ids, *, position_ids, last_only, **_):
         """Row i's next token is scripts[i][tokens it has generated], read from its positions (a row's positions
-        count its tokens, whatever the cache layout)."""
+        count its tokens, whatever the cache layout); the same whether hidden states or logits are asked."""
         b = input_ids.shape[0]
         last = position_ids[:, -1]
         if input_ids.shape[1] > 1 or self.prompt_lens is None:  # prefill: each row's prompt ends at `last`

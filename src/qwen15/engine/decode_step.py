@@ -22,7 +22,7 @@ LENGTH_BUCKET = 256
 
 
 def decode_forward(model, cache, tokens, positions, cache_positions, key_mask, hidden=False) -> torch.Tensor:
-    """Next-token logits [B, vocab] (fp32) for tokens [B, 1] at positions [B, 1], written to cache_positions
+    """Next-token logits [B, vocab] (the model's dtype) for tokens [B, 1] at positions [B, 1], written to cache_positions
     [B, 1] of the cache rows; attention reads the first key_mask.shape[1] positions (False: ignored). hidden:
     the final hidden states [B, hidden] instead (the caller applies the output layer)."""
     out = model(
@@ -34,7 +34,7 @@ def decode_forward(model, cache, tokens, positions, cache_positions, key_mask, h
         last_only=True,
         return_hidden=hidden,
     )
-    return out[:, -1] if hidden else out[:, -1].float()
+    return out[:, -1]
 
 
 def bucket(n: int, buckets: tuple[int, ...], limit: int) -> int:
@@ -67,9 +67,10 @@ class DecodeStep:
     def __call__(
         self, rows: list[int], last: torch.Tensor, positions: list[int], hidden: bool = False
     ) -> torch.Tensor:
-        """Logits [len(rows), vocab] (fp32) for the KV slots `rows`, each fed its token last[slot] (a device
-        tensor [num_slots]: the engine's last pick per slot, never read by the host here) at positions.
-        hidden (eager only): the final hidden states instead."""
+        """Logits [len(rows), vocab] (the model's dtype) for the KV slots `rows`, each fed its token last[slot] (a
+        device tensor [num_slots]: the engine's last pick per slot, never read by the host here) at positions.
+        hidden (eager only): the final hidden states instead. Eagerly, the output layer runs on the given rows
+        only (not on idle slots below the highest busy one)."""
         span = max(rows) + 1
         key_len = max(positions) + 1
         if self.static:
@@ -84,8 +85,12 @@ class DecodeStep:
         if not self.static:
             pos, cpos, mask = (t.to(self.device, non_blocking=True) for t in (pos, cpos, mask))
             cache = self.cache.rows(batch)
-            logits = decode_forward(self.model, cache, last[:batch, None], pos, cpos, mask, hidden)
-            return logits if rows == list(range(batch)) else logits[torch.tensor(rows, device=self.device)]
+            every = rows == list(range(batch))
+            out = decode_forward(self.model, cache, last[:batch, None], pos, cpos, mask, hidden or not every)
+            if every:
+                return out
+            out = out[torch.tensor(rows, device=self.device)]
+            return out if hidden else self.model.lm_head(out)
         self.tokens[:batch].copy_(last[:batch, None])
         self.positions[:batch].copy_(pos, non_blocking=True)
         self.slots[:batch].copy_(cpos, non_blocking=True)

@@ -300,15 +300,15 @@ class Engine:
             if done:
                 outs.append((done, out))
         if merge:
-            logits = self.model.lm_head(torch.cat([out for _, out in outs])).float()
+            logits = self.model.lm_head(torch.cat([out for _, out in outs]))
             sizes = [len(seqs) for seqs, _ in outs]
             outs = [(seqs, part) for (seqs, _), part in zip(outs, logits.split(sizes))]
         for seqs, logits in outs:
             self._sample(seqs, logits)
 
     def _prefill(self, rows: list[PrefillRow], hidden: bool) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Feed the rows' tokens; the sequences whose prompt ended, and their next-token logits (fp32) or, with
-        hidden, their final hidden states."""
+        """Feed the rows' tokens; the sequences whose prompt ended, and their next-token logits (the model's
+        dtype) or, with hidden, their final hidden states."""
         width = max(r.start + r.length for r in rows)
         seq_len = max(r.length for r in rows)
         ids = torch.zeros(len(rows), seq_len, dtype=torch.long)
@@ -341,7 +341,7 @@ class Engine:
         if not done:
             return [], None
         out = logits[torch.tensor(done, device=dev)]
-        return [rows[i].seq for i in done], out if hidden else out.float()
+        return [rows[i].seq for i in done], out
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Pick the next token of each sequence and decide on the device whether it ends there; both wait in

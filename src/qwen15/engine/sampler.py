@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen15.quantize import kernels
 from qwen15.sampling import SamplingParams, process_logits
 
 MAX_LOGPROBS = 20
@@ -58,16 +59,25 @@ class RowState:
             self.seen.index_fill_(0, token, True)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (first maximum; NaN counts as the largest): on CPU our kernel, which reads the rows at
+    the memory's speed in any float dtype (torch's argmax is single-threaded there)."""
+    cpu = logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32)
+    if cpu and logits.shape[-1] and logits.stride(-1) == 1 and kernels.library() is not None:
+        return kernels.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, rows: list[RowState], valid_vocab: int) -> Picks:
-    """One token per row of logits [n, vocab] (fp32; modified in place: ids >= valid_vocab are never picked)."""
-    if valid_vocab < logits.shape[-1]:
-        logits[:, valid_vocab:] = -float("inf")
+    """One token per row of logits [n, vocab] (the model's dtype or fp32; ids >= valid_vocab are never picked).
+    Sampling and log-probabilities work on fp32 logits (a copy, or the tensor itself, modified in place)."""
     groups: dict[SamplingParams, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(row.params, []).append(i)
     if len(groups) == 1 and next(iter(groups)).greedy and rows[0].seen is None:
-        tokens = logits.argmax(dim=-1)  # the common case: one greedy group, no copy of the logits
+        tokens = greedy(logits[:, :valid_vocab])  # the common case: one greedy group, no copy of the logits
     else:
+        logits = _fp32(logits, valid_vocab)
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         for params, idx in groups.items():
             whole = len(idx) == len(rows)
@@ -77,7 +87,7 @@ def sample(logits: torch.Tensor, rows: list[RowState], valid_vocab: int) -> Pick
                 seen = torch.stack([rows[i].seen for i in idx])
             scores = process_logits(logits if whole else logits.index_select(0, sel), params, seen)
             if params.greedy:
-                picked = scores.argmax(dim=-1)
+                picked = greedy(scores)
             else:
                 probs = torch.softmax(scores, dim=-1)
                 picked = torch.empty(len(idx), dtype=torch.long, device=logits.device)
@@ -96,9 +106,17 @@ def sample(logits: torch.Tensor, rows: list[RowState], valid_vocab: int) -> Pick
     want = [i for i, row in enumerate(rows) if row.logprobs is not None]
     picks = Picks(tokens, want)
     if want:
-        logp = torch.log_softmax(logits[want], dim=-1)
+        logp = torch.log_softmax(_fp32(logits[want], valid_vocab), dim=-1)
         picks.chosen = logp.gather(1, tokens[want][:, None])[:, 0]
         k = max(rows[i].logprobs for i in want)
         if k:
             picks.top_logprobs, picks.top_ids = logp.topk(k, dim=-1)
     return picks
+
+
+def _fp32(logits: torch.Tensor, valid_vocab: int) -> torch.Tensor:
+    """The logits in fp32 with ids >= valid_vocab at -inf (in place when they are fp32 already)."""
+    logits = logits.float()
+    if valid_vocab < logits.shape[-1]:
+        logits[:, valid_vocab:] = -float("inf")
+    return logits

@@ -197,3 +197,76 @@ void q15_silu_mul(const void *gu, void *y, int bf16, int64_t M, int64_t F) {
             vstore(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), vload(gu, bf16, m * 2 * F + F + f)));
         }
 }
+
+/* ------------------------------------------------------------------------------------------------ argmax */
+
+/* out[m] = the first index of the largest of x[m, 0..n) (row stride ld; bf16 or fp32), as torch.argmax: a NaN
+   counts as the largest, so the first NaN wins. Each of 16 lanes keeps its first maximum (strict >), then the
+   lanes' maxima are merged taking the lowest index among equal values; rows under 16 wide are scanned alone. */
+static inline float scalar_at(const char *row, int bf16, int64_t k) {
+    if (!bf16) return ((const float *)row)[k];
+    uint32_t u = (uint32_t)((const uint16_t *)row)[k] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, int64_t *out) {
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const char *row = (const char *)x + (bf16 ? 2 : 4) * m * ld;
+        if (n < 16) {
+            int64_t pick = 0;
+            for (int64_t k = 0; k < n; k++) {
+                float v = scalar_at(row, bf16, k), top = scalar_at(row, bf16, pick);
+                if (v != v) {
+                    pick = k;
+                    break;
+                }
+                if (v > top) pick = k;
+            }
+            out[m] = pick;
+            continue;
+        }
+        __m512 best = vload(row, bf16, 0);
+        __m512i at = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        __m512i idx = at;
+        int64_t nan_at = -1;
+        if (_mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q)) nan_at = 0;
+        int64_t j = 16;
+        for (; nan_at < 0 && j + 16 <= n; j += 16) {
+            __m512 v = vload(row, bf16, j);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+            __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            if (nan) nan_at = j;
+            __mmask16 up = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, up, v);
+            at = _mm512_mask_mov_epi32(at, up, idx);
+        }
+        float vals[16];
+        int32_t ids[16];
+        _mm512_storeu_ps(vals, best);
+        _mm512_storeu_si512(ids, at);
+        float top = vals[0];
+        int64_t pick = ids[0];
+        for (int l = 1; l < 16; l++)
+            if (vals[l] > top || (vals[l] == top && ids[l] < pick)) top = vals[l], pick = ids[l];
+        for (int64_t k = nan_at < 0 ? j : n; k < n; k++) { /* the tail */
+            float v = scalar_at(row, bf16, k);
+            if (v != v) {
+                nan_at = k;
+                break;
+            }
+            if (v > top) top = v, pick = k;
+        }
+        if (nan_at >= 0) /* the first NaN: scan from the block where one was seen */
+            for (int64_t k = nan_at; k < n; k++) {
+                float v = scalar_at(row, bf16, k);
+                if (v != v) {
+                    pick = k;
+                    break;
+                }
+            }
+        out[m] = pick;
+    }
+}
