@@ -2,6 +2,7 @@
 
     python bench/kernels.py                      # qwen1.5-0.5b shapes, batch 1, bf16 / int8 / int4
     python bench/kernels.py --batch 1 8 --formats bf16 bf16-onednn int4   # bf16-onednn: oneDNN's packed product
+    python bench/kernels.py --batch 1 8 32 --formats bf16 bf16-avx512 bf16-onednn   # AMX / AVX-512 / oneDNN
 
 One "sweep" is what a decode step multiplies: every layer's fused q/k/v, o, gate/up and down matrix (separate
 tensors per layer, as in the model, so that nothing stays in cache) and the output layer; activations are random
@@ -43,8 +44,12 @@ def make(fmt: str, out: int, inp: int, group: int) -> nn.Module:
     lin = nn.Linear(inp, out, bias=False)
     nn.init.normal_(lin.weight, std=0.02)
     lin = lin.to(torch.bfloat16)
-    if fmt == "bf16":
+    if fmt == "bf16":  # what PackedLinear picks here: AMX at 2-64 rows where the CPU has it, else AVX-512
         return PackedLinear(lin)
+    if fmt == "bf16-avx512":  # our AVX-512 kernel alone (below 16 rows; oneDNN from there), as without AMX
+        mod = PackedLinear(lin)
+        mod.amx = False
+        return mod
     if (
         fmt == "bf16-onednn"
     ):  # the baseline: oneDNN's product on its prepacked weight (PackedLinear without kernels)
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
         "--formats",
         nargs="+",
         default=["bf16", "int8", "int4"],
-        choices=["bf16", "bf16-onednn", "int8", "int4"],
+        choices=["bf16", "bf16-avx512", "bf16-onednn", "int8", "int4"],
     )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--group", type=int, default=64)
