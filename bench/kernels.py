@@ -89,30 +89,35 @@ def main(argv=None) -> int:
         + " | sweep ms | share of read bw |"
     )
     print("| --- | --- |" + " --- |" * (len(shapes(args.preset)) + 2))
-    for fmt in args.formats:
-        mats = {
+    # every format's matrices at once, and the formats alternated within each round: this VM's bandwidth moves
+    # within a run, so one format after another would compare different machines
+    mats = {
+        fmt: {
             k: [make(fmt, o, i, args.group) for _ in range(n)] for k, (o, i, n) in shapes(args.preset).items()
         }
-        for m in args.batch:
-            xs = {k: torch.randn(1, m, i).to(torch.bfloat16) for k, (o, i, n) in shapes(args.preset).items()}
-            per = {k: [] for k in mats}
-            with torch.inference_mode():
-                for r in range(args.repeat + 1):
-                    for k, mods in mats.items():
+        for fmt in args.formats
+    }
+    for m in args.batch:
+        xs = {k: torch.randn(1, m, i).to(torch.bfloat16) for k, (o, i, n) in shapes(args.preset).items()}
+        per = {fmt: {k: [] for k in mats[fmt]} for fmt in args.formats}
+        with torch.inference_mode():
+            for r in range(args.repeat + 1):
+                for fmt in args.formats:
+                    for k, mods in mats[fmt].items():
                         t = time.perf_counter()
                         for mod in mods:
                             mod(xs[k])
                         if r:
-                            per[k].append(time.perf_counter() - t)
+                            per[fmt][k].append(time.perf_counter() - t)
+        for fmt in args.formats:
             cells, total_t, total_b = [], 0.0, 0
-            for k, mods in mats.items():
-                t = statistics.median(per[k])
+            for k, mods in mats[fmt].items():
+                t = statistics.median(per[fmt][k])
                 b = sum(nbytes(mod) for mod in mods)
                 total_t, total_b = total_t + t, total_b + b
                 cells.append(f"{t * 1e3:.2f} ({b / t / 1e9:.1f})")
             share = total_b / total_t / read
             print(f"| {fmt} | {m} | " + " | ".join(cells) + f" | {total_t * 1e3:.1f} | {share:.0%} |")
-        del mats
     return 0
 
 
