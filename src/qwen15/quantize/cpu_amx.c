@@ -9,7 +9,7 @@
    stride of 2K bytes), so the model keeps one plain copy for prompts (oneDNN) and decode alike. The activations are
    the B tile: x's column pairs (k, k + 1) as 32-bit words, transposed once per call into [K / 32][16][rows]. The
    C tile holds y.T for 16 weight rows (fp32 sums: each pair's products exact, summed in fp32, as vdpbf16ps does).
-   Each thread takes 16 weight rows at a time (one A tile per 32 columns) against up to four B tiles of 16
+   A thread takes 16 weight rows at a time (one A tile per 32 columns) against up to four B tiles of 16
    activation rows (four C tiles); more rows run in further panels over the same, now cached, weight rows. Weights
    are prefetched four 32-column steps ahead.
 
@@ -40,14 +40,6 @@ typedef struct { /* the LDTILECFG operand, palette 1 */
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-/* Rows [n0, n1) of N (a multiple of 16) for thread t of nt, in blocks of 16. */
-static void split_rows16(int64_t N, int t, int nt, int64_t *n0, int64_t *n1) {
-    int64_t blocks = N / 16, per = blocks / nt, extra = blocks % nt;
-    int64_t b0 = t * per + (t < extra ? t : extra), b1 = b0 + per + (t < extra ? 1 : 0);
-    *n0 = b0 * 16;
-    *n1 = b1 * 16;
-}
 
 /* c: a stored C tile, [16 weight rows][ld] fp32 -> y[m, 0..16) in bf16 (round to nearest even) + bias, m < mt. */
 AMX_TARGET static inline void store_tile(const float *c, int64_t ld, int64_t mt, const float *bias, uint16_t *y,
@@ -109,8 +101,6 @@ AMX_TARGET int q15_amx_bf16_linear(const uint16_t *x, const uint16_t *w, const f
                 for (int p = 0; p < 16; p++) dst[p * mb + j] = m < M ? x32[m * (K / 2) + c * 16 + p] : 0;
             }
         }
-        int64_t n0, n1;
-        split_rows16(N, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         tile_config cfg;
         memset(&cfg, 0, sizeof cfg);
         cfg.palette = 1;
@@ -118,7 +108,10 @@ AMX_TARGET int q15_amx_bf16_linear(const uint16_t *x, const uint16_t *w, const f
         cfg.colsb[4] = 64;
         _tile_loadconfig(&cfg);
         float out[4][16 * 16];
-        for (int64_t n = n0; n < n1; n += 16) {
+        /* taken in chunks of 8 blocks as threads come free, so that a thread the OS has preempted (the HTTP
+           server's threads share these cores) delays only its chunk; 8 x 16 rows keep the weight streams long */
+#pragma omp for schedule(dynamic, 8) nowait
+        for (int64_t n = 0; n < N; n += 16) {
             const uint16_t *wn = w + n * K;
             for (int64_t b0 = 0; b0 < blocks; b0 += 4) { /* panels of up to 4 activation blocks */
                 int nb = blocks - b0 < 4 ? (int)(blocks - b0) : 4, first = b0 == 0;
