@@ -22,9 +22,9 @@ LENGTH_BUCKET = 256
 
 
 def decode_forward(model, cache, tokens, positions, cache_positions, key_mask, hidden=False) -> torch.Tensor:
-    """Next-token logits [B, vocab] (the model's dtype) for tokens [B, 1] at positions [B, 1], written to cache_positions
-    [B, 1] of the cache rows; attention reads the first key_mask.shape[1] positions (False: ignored). hidden:
-    the final hidden states [B, hidden] instead (the caller applies the output layer)."""
+    """Next-token logits [B, vocab] (the model's dtype) for tokens [B, 1] at positions [B, 1], written to
+    cache_positions [B, 1] of the cache rows; attention reads the first key_mask.shape[1] positions (False:
+    ignored). hidden: the final hidden states [B, hidden] instead (the caller applies the output layer)."""
     out = model(
         tokens,
         position_ids=positions,

@@ -79,13 +79,9 @@ def describe(model: nn.Module) -> str:
     packed = [m for m in mods if isinstance(m, PackedLinear)]
     if packed and all(m.kernel for m in packed):
         amx = sum(m.amx for m in packed)
-        kernel = (
-            "AVX-512"
-            if not amx
-            else "AMX"
-            if amx == len(packed)
-            else f"AMX ({amx} of {len(packed)} matrices) and AVX-512"
-        )
+        kernel = "AMX" if amx == len(packed) else "AVX-512"
+        if 0 < amx < len(packed):
+            kernel = f"AMX ({amx} of {len(packed)} matrices) and AVX-512"
         return f"{act} weights, {kernel} kernel for decode, oneDNN for prompts"
     return f"{act} weights" + (", oneDNN-packed" if packed else "")
 

@@ -26,6 +26,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "cpu_bf16.h"
+
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
@@ -48,10 +50,8 @@ AMX_TARGET static inline void store_tile(const float *c, int64_t ld, int64_t mt,
                                             _mm512_set1_epi32((int)ld));
     const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
     for (int64_t m = 0; m < mt; m++) {
-        __m512i u = _mm512_castps_si512(_mm512_add_ps(_mm512_i32gather_ps(rows, c + m, 4), b));
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-        _mm256_storeu_si256((__m256i *)(y + m * ldy), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        __m512 v = _mm512_add_ps(_mm512_i32gather_ps(rows, c + m, 4), b);
+        _mm256_storeu_si256((__m256i *)(y + m * ldy), f32x16_to_bf16(v));
     }
 }
 

@@ -17,29 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* 16 lanes: load as fp32, round to bf16 (nearest even; finite values) and back, store in the dtype */
-static inline __m512 vload(const void *p, int bf16, int64_t i) {
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
-    return _mm512_loadu_ps((const float *)p + i);
-}
+#include "cpu_bf16.h"
 
-static inline __m512i vbf16_bits(__m512 v) { /* the bf16 of each lane, in the high half of its 32 bits */
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
-}
-
-static inline __m512 vrnd(int bf16, __m512 v) { return bf16 ? _mm512_castsi512_ps(vbf16_bits(v)) : v; }
-
-static inline void vstore(void *p, int bf16, int64_t i, __m512 v) {
-    if (bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(vbf16_bits(v), 16)));
-    else
-        _mm512_storeu_ps((float *)p + i, v);
-}
+/* v rounded to the dtype (what an eager operation's result holds) */
+static inline __m512 vrnd(int bf16, __m512 v) { return bf16 ? _mm512_castsi512_ps(bf16_bits16(v)) : v; }
 
 /* e^x per lane, within ~2 units in the last place of fp32 for |x| < 87 (x = n ln2 + r, |r| <= ln2 / 2, a degree-6
    polynomial for e^r, times 2^n); below -87.3 the result is 0, as expf's underflows to 0 or a denormal. */
@@ -73,17 +54,17 @@ void q15_rms_norm(const void *x, const void *r, void *s, const void *w, void *y,
         int64_t at = m * D;
         __m512 sq = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 v = vload(x, bf16, at + d);
+            __m512 v = load16(x, bf16, at + d);
             if (r) {
-                v = vrnd(bf16, _mm512_add_ps(v, vload(r, bf16, at + d)));
-                vstore(s, bf16, at + d, v);
+                v = vrnd(bf16, _mm512_add_ps(v, load16(r, bf16, at + d)));
+                store16(s, bf16, at + d, v);
             }
             sq = _mm512_fmadd_ps(v, v, sq);
         }
         __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)D + eps));
         for (int64_t d = 0; d < D; d += 16)
-            vstore(y, bf16, at + d,
-                   _mm512_mul_ps(vload(w, bf16, d), vrnd(bf16, _mm512_mul_ps(vload(src, bf16, at + d), inv))));
+            store16(y, bf16, at + d,
+                   _mm512_mul_ps(load16(w, bf16, d), vrnd(bf16, _mm512_mul_ps(load16(src, bf16, at + d), inv))));
     }
 }
 
@@ -103,13 +84,13 @@ void q15_rope_store(const void *qkv, const void *cos, const void *sin, void *q, 
             void *dst = h < H ? q : kc;
             int64_t out = h < H ? (b * H + h) * hd : b * crow + (h - H) * chead + slots[b] * hd;
             for (int64_t d = 0; d < half; d += 16) {
-                __m512 x1 = vload(qkv, bf16, at + d), x2 = vload(qkv, bf16, at + d + half);
-                __m512 c1 = vload(cos, bf16, b * hd + d), c2 = vload(cos, bf16, b * hd + d + half);
-                __m512 s1 = vload(sin, bf16, b * hd + d), s2 = vload(sin, bf16, b * hd + d + half);
+                __m512 x1 = load16(qkv, bf16, at + d), x2 = load16(qkv, bf16, at + d + half);
+                __m512 c1 = load16(cos, bf16, b * hd + d), c2 = load16(cos, bf16, b * hd + d + half);
+                __m512 s1 = load16(sin, bf16, b * hd + d), s2 = load16(sin, bf16, b * hd + d + half);
                 __m512 lo = _mm512_sub_ps(vrnd(bf16, _mm512_mul_ps(x1, c1)), vrnd(bf16, _mm512_mul_ps(x2, s1)));
                 __m512 up = _mm512_add_ps(vrnd(bf16, _mm512_mul_ps(x2, c2)), vrnd(bf16, _mm512_mul_ps(x1, s2)));
-                vstore(dst, bf16, out + d, lo);
-                vstore(dst, bf16, out + d + half, up);
+                store16(dst, bf16, out + d, lo);
+                store16(dst, bf16, out + d + half, up);
             }
         }
         for (int64_t h = 0; h < KVH; h++) {
@@ -147,13 +128,13 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
             int64_t b = bh / H, h = bh % H;
             const uint8_t *keep = mask + b * mstride;
             int64_t base = b * crow + (h / group) * chead;
-            for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(qf + d, vload(q, bf16, bh * hd + d));
+            for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(qf + d, load16(q, bf16, bh * hd + d));
             float top = -INFINITY;
             for (int64_t j = 0; j < L; j++) {
                 if (!keep[j]) continue;
                 __m512 dot = _mm512_setzero_ps();
                 for (int64_t d = 0; d < hd; d += 16)
-                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), vload(kc, bf16, base + j * hd + d), dot);
+                    dot = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), load16(kc, bf16, base + j * hd + d), dot);
                 p[j] = _mm512_reduce_add_ps(dot) * scale;
                 if (p[j] > top) top = p[j];
             }
@@ -170,12 +151,12 @@ int q15_decode_attention(const void *q, const void *kc, const void *vc, const ui
                 total += e;
                 __m512 ev = _mm512_set1_ps(e);
                 for (int64_t d = 0; d < hd; d += 16)
-                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ev, vload(vc, bf16, base + j * hd + d),
+                    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ev, load16(vc, bf16, base + j * hd + d),
                                                               _mm512_loadu_ps(acc + d)));
             }
             float inv = total > 0.0f ? 1.0f / total : 0.0f;
             for (int64_t d = 0; d < hd; d += 16)
-                vstore(out, bf16, bh * hd + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(inv)));
+                store16(out, bf16, bh * hd + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(inv)));
         }
         free(p);
         free(qf);
@@ -192,9 +173,9 @@ void q15_silu_mul(const void *gu, void *y, int bf16, int64_t M, int64_t F) {
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < M; m++)
         for (int64_t f = 0; f < F; f += 16) {
-            __m512 g = vload(gu, bf16, m * 2 * F + f);
+            __m512 g = load16(gu, bf16, m * 2 * F + f);
             __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            vstore(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), vload(gu, bf16, m * 2 * F + F + f)));
+            store16(y, bf16, m * F + f, _mm512_mul_ps(vrnd(bf16, silu), load16(gu, bf16, m * 2 * F + F + f)));
         }
 }
 
@@ -203,14 +184,6 @@ void q15_silu_mul(const void *gu, void *y, int bf16, int64_t M, int64_t F) {
 /* out[m] = the first index of the largest of x[m, 0..n) (row stride ld; bf16 or fp32), as torch.argmax: a NaN
    counts as the largest, so the first NaN wins. Each of 16 lanes keeps its first maximum (strict >), then the
    lanes' maxima are merged taking the lowest index among equal values; rows under 16 wide are scanned alone. */
-static inline float scalar_at(const char *row, int bf16, int64_t k) {
-    if (!bf16) return ((const float *)row)[k];
-    uint32_t u = (uint32_t)((const uint16_t *)row)[k] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, int64_t *out) {
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; m++) {
@@ -218,7 +191,7 @@ void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, 
         if (n < 16) {
             int64_t pick = 0;
             for (int64_t k = 0; k < n; k++) {
-                float v = scalar_at(row, bf16, k), top = scalar_at(row, bf16, pick);
+                float v = load1(row, bf16, k), top = load1(row, bf16, pick);
                 if (v != v) {
                     pick = k;
                     break;
@@ -228,14 +201,14 @@ void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, 
             out[m] = pick;
             continue;
         }
-        __m512 best = vload(row, bf16, 0);
+        __m512 best = load16(row, bf16, 0);
         __m512i at = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
         __m512i idx = at;
         int64_t nan_at = -1;
         if (_mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q)) nan_at = 0;
         int64_t j = 16;
         for (; nan_at < 0 && j + 16 <= n; j += 16) {
-            __m512 v = vload(row, bf16, j);
+            __m512 v = load16(row, bf16, j);
             idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
             __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             if (nan) nan_at = j;
@@ -252,7 +225,7 @@ void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, 
         for (int l = 1; l < 16; l++)
             if (vals[l] > top || (vals[l] == top && ids[l] < pick)) top = vals[l], pick = ids[l];
         for (int64_t k = nan_at < 0 ? j : n; k < n; k++) { /* the tail */
-            float v = scalar_at(row, bf16, k);
+            float v = load1(row, bf16, k);
             if (v != v) {
                 nan_at = k;
                 break;
@@ -261,7 +234,7 @@ void q15_argmax_rows(const void *x, int bf16, int64_t M, int64_t n, int64_t ld, 
         }
         if (nan_at >= 0) /* the first NaN: scan from the block where one was seen */
             for (int64_t k = nan_at; k < n; k++) {
-                float v = scalar_at(row, bf16, k);
+                float v = load1(row, bf16, k);
                 if (v != v) {
                     pick = k;
                     break;

@@ -26,38 +26,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define XB 64 /* columns per activation scale */
-
-static float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* 16 fp32 -> 16 bf16, round to nearest even (finite values; the weights and scales here are finite). */
-ALWAYS_INLINE __m256i f32x16_to_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
-}
-
-ALWAYS_INLINE __m512 load16(const void *x, int bf16, int64_t i) {
-    if (bf16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-    return _mm512_loadu_ps((const float *)x + i);
-}
 
 static void store_row(void *y, int y_bf16, int64_t idx, float v) {
     if (y_bf16)
@@ -510,14 +482,6 @@ void q15_dense_linear(const void *x, const void *w, int bf16, const float *bias,
 }
 
 /* ------------------------------------------------------------------------------------------------ dequantize */
-
-/* 16 weights stored as bf16 or fp32. */
-ALWAYS_INLINE void store16(void *w, int w_bf16, int64_t idx, __m512 v) {
-    if (w_bf16)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)w + idx), f32x16_to_bf16(v));
-    else
-        _mm512_storeu_ps((float *)w + idx, v);
-}
 
 /* w [N, K] (bf16 or fp32) = q * scale (for long prompts, which then run one dense matrix product). */
 void q15_int8_dequantize(const int8_t *q, const float *scale, void *w, int w_bf16, int64_t N, int64_t K) {

@@ -7,12 +7,12 @@ allow; these multiply int8 by int8 (VNNI), with the activations quantized per bl
 (bench/RESULTS.md has the comparison of candidates).
 
 Build: `cc -O3 -fopenmp -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni` on the C files, which include only
-the compiler's own headers, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a
+the compiler's own headers and cpu_bf16.h, into a cache folder (QWEN15_KERNEL_CACHE, default ~/.cache/qwen15/kernels), keyed by a
 hash of the source, flags and compiler version; built beside the target and renamed, so concurrent first runs are
 safe. Needs only a C compiler (gcc >= 8 or clang >= 6) on Linux x86-64 with AVX-512 VNNI (Intel Ice Lake / Sapphire
-Rapids and later, AMD Zen 4 and later); the AMX product also needs AMX tiles (Sapphire Rapids and later) and gcc >= 11
-or clang >= 12, else bf16 decode keeps the AVX-512 kernel. Without either, or with QWEN15_CPU_KERNELS=0, `library()` returns None and
-the quantized modules fall back to torch's kernels; `unavailable_reason()` says why.
+Rapids and later, AMD Zen 4 and later); the AMX product also needs AMX tiles (Sapphire Rapids and later) and gcc >=
+11 or clang >= 12, else bf16 decode keeps the AVX-512 kernel. Without either, or with QWEN15_CPU_KERNELS=0,
+`library()` returns None and the quantized modules fall back to torch's kernels; `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(n) for n in ("cpu_kernels.c", "cpu_decode_ops.c", "cpu_amx.c")]
+HEADERS = [Path(__file__).with_name("cpu_bf16.h")]  # included by the sources: part of the build's key
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11", "-ffp-contract=off"]
 ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 
-AMX_ROWS = (
-    64  # PackedLinear runs amx_linear up to this many rows; longer inputs (prompts) keep oneDNN's product
-)
+# PackedLinear runs amx_linear up to this many rows; longer inputs (prompts) keep oneDNN's product
+AMX_ROWS = 64
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -95,7 +95,7 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    texts = [f.read_text() for f in SOURCES]
+    texts = [f.read_text() for f in SOURCES + HEADERS]
     key = hashlib.sha256("\n".join([*texts, *FLAGS, *ISA, version]).encode()).hexdigest()[:16]
     folder = cache_folder()
     target = folder / f"qwen15_cpu_{key}.so"
