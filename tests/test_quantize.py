@@ -612,7 +612,7 @@ def test_amx_kernel_at_any_rows(rows):
 
     if not kernels.dense_kernel(torch.bfloat16) or not kernels.amx_bf16():
         pytest.skip(
-            f"no AMX bf16 kernel here ({kernels.unavailable_reason() or 'no AMX tiles or compiler support'})"
+            f"no AMX bf16 kernel here ({kernels.unavailable_reason() or 'QWEN15_AMX=0, or no AMX tiles or compiler support'})"
         )
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 384, generator=g).bfloat16()
