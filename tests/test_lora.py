@@ -384,7 +384,9 @@ def test_generate_chat_and_eval_take_the_adapter(bpe_base, tmp_path, capsys):
     with torch.no_grad():
         logits = peft_model(token_ids).logits[0, :-1]
     expected = math.exp(float(F.cross_entropy(logits, token_ids[0, 1:])))
-    assert f"perplexity: {expected:.4f}" in out
+    printed = float(out.split("perplexity: ")[1].split()[0])
+    # the same fp32 logits summed in another order (CPU kernels differ between machines): ~1e-6 relative
+    assert printed == pytest.approx(expected, rel=1e-5)
 
     assert main(["chat", *common, "--predict-data", "What is 482 plus 317?", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
