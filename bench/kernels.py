@@ -3,10 +3,11 @@
     python bench/kernels.py                      # qwen1.5-0.5b shapes, batch 1, bf16 / int8 / int4
     python bench/kernels.py --batch 1 8 --formats bf16 bf16-onednn int4   # bf16-onednn: oneDNN's packed product
     python bench/kernels.py --batch 1 8 32 --formats bf16 bf16-avx512 bf16-onednn   # AMX / AVX-512 / oneDNN
+    python bench/kernels.py --batch 8 32 64 256 --formats fp32 fp32-torch fp32-onednn  # ours / torch (MKL) / packed
 
 One "sweep" is what a decode step multiplies: every layer's fused q/k/v, o, gate/up and down matrix (separate
 tensors per layer, as in the model, so that nothing stays in cache) and the output layer; activations are random
-bf16 rows. Reported per matrix kind: ms per sweep and weight GB/s; for the sweep: the share of the read bandwidth
+rows in the format's dtype (`-torch`: nn.Linear itself, what an unprepared model and transformers run). Reported per matrix kind: ms per sweep and weight GB/s; for the sweep: the share of the read bandwidth
 (all threads summing a 512 MiB buffer, measured in the same run). Less sensitive to a shared machine than tok/s.
 """
 
@@ -40,29 +41,44 @@ def shapes(preset: str) -> dict[str, tuple[int, int, int]]:
     }
 
 
+FORMATS = [
+    "bf16",
+    "bf16-avx512",
+    "bf16-onednn",
+    "bf16-torch",
+    "fp32",
+    "fp32-torch",
+    "fp32-onednn",
+    "int8",
+    "int4",
+]
+
+
 def make(fmt: str, out: int, inp: int, group: int) -> nn.Module:
     lin = nn.Linear(inp, out, bias=False)
     nn.init.normal_(lin.weight, std=0.02)
-    lin = lin.to(torch.bfloat16)
-    if fmt == "bf16":  # what PackedLinear picks here: AMX at 2-64 rows where the CPU has it, else AVX-512
+    lin = lin.to(torch.float32 if fmt.startswith("fp32") else torch.bfloat16).requires_grad_(False)
+    # what PackedLinear picks here: AMX at 2-64 rows where the CPU has it, else AVX-512
+    if fmt in ("bf16", "fp32"):
         return PackedLinear(lin)
-    if fmt == "bf16-avx512":  # our AVX-512 kernel alone (below 16 rows; oneDNN from there), as without AMX
+    # our AVX-512 kernels alone (dot products, broadcasts from 24 rows), as without AMX
+    if fmt == "bf16-avx512":
         mod = PackedLinear(lin)
         mod.amx = False
         return mod
-    if (
-        fmt == "bf16-onednn"
-    ):  # the baseline: oneDNN's product on its prepacked weight (PackedLinear without kernels)
+    if fmt.endswith("-onednn"):  # oneDNN's product on its prepacked weight (PackedLinear without kernels)
         mod = PackedLinear(lin)
         mod.kernel, mod.weight = False, torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 1)
         return mod
+    if fmt.endswith("-torch"):
+        return lin
     if fmt == "int8":
         return Int8Linear.from_linear(lin)
     return Int4Linear.from_linear(lin, group)
 
 
 def nbytes(mod: nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in mod.buffers())
+    return sum(b.numel() * b.element_size() for b in [*mod.buffers(), *mod.parameters()])
 
 
 def main(argv=None) -> int:
@@ -72,7 +88,7 @@ def main(argv=None) -> int:
         "--formats",
         nargs="+",
         default=["bf16", "int8", "int4"],
-        choices=["bf16", "bf16-avx512", "bf16-onednn", "int8", "int4"],
+        choices=FORMATS,
     )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--group", type=int, default=64)
@@ -98,15 +114,19 @@ def main(argv=None) -> int:
         for fmt in args.formats
     }
     for m in args.batch:
-        xs = {k: torch.randn(1, m, i).to(torch.bfloat16) for k, (o, i, n) in shapes(args.preset).items()}
+        xs = {
+            dt: {k: torch.randn(1, m, i).to(dt) for k, (o, i, n) in shapes(args.preset).items()}
+            for dt in (torch.bfloat16, torch.float32)
+        }
         per = {fmt: {k: [] for k in mats[fmt]} for fmt in args.formats}
         with torch.inference_mode():
             for r in range(args.repeat + 1):
                 for fmt in args.formats:
+                    x = xs[torch.float32 if fmt.startswith("fp32") else torch.bfloat16]
                     for k, mods in mats[fmt].items():
                         t = time.perf_counter()
                         for mod in mods:
-                            mod(xs[k])
+                            mod(x[k])
                         if r:
                             per[fmt][k].append(time.perf_counter() - t)
         for fmt in args.formats:

@@ -152,19 +152,20 @@ def test_cpu_prepacked_bf16_is_bit_identical(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 17, 33, 64])
+@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 17, 24, 33, 64])
 @pytest.mark.parametrize(
     "shape, bias",
     [((100, 384), True), ((37, 1000), False), ((5, 64), True), ((48, 384), True), ((80, 1024), False)],
 )
 def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias, monkeypatch):
     """PackedLinear at decode rows on our kernels (bf16 on AMX tiles at 2 to AMX_ROWS rows where the CPU has them and
-    the widths fit: rows of 16, columns of 32; else AVX-512 below PREFILL_ROWS): fp32 sums in another order than
-    oneDNN's, so not bit-identical to the plain product; bound against an fp64 oracle of the same bf16/fp32
-    inputs: bf16 within one bf16 rounding of the output (2^-8 relative) plus the fp32 summation error, which the
-    plain product (F.linear) meets too; fp32 within 1e-5 of the output's scale."""
+    the widths fit: rows of 16, columns of 32; else AVX-512 dot products below WIDE_FROM rows and broadcasts up to
+    WIDE_ROWS): fp32 sums in another order than oneDNN's, so not bit-identical to the plain product; bound against
+    an fp64 oracle of the same bf16/fp32 inputs: bf16 within one bf16 rounding of the output (2^-8 relative) plus
+    the fp32 summation error, which the plain product (F.linear) meets too; fp32 within 1e-5 of the output's scale.
+    Prompts (more rows): bf16 the plain product, bit-identical; fp32 oneDNN's, within the same bound."""
     from qwen15.quantize import PackedLinear, kernels
-    from qwen15.quantize.int8 import PREFILL_ROWS
+    from qwen15.quantize.cpu import WIDE_FROM
 
     if not kernels.dense_kernel(dtype):
         pytest.skip(
@@ -184,26 +185,55 @@ def test_dense_decode_kernel_is_the_product_to_rounding(dtype, rows, shape, bias
         run = getattr(kernels, name)
         return lambda *args: ran.append(name) or run(*args)
 
-    for name in ("amx_linear", "dense_linear"):
+    for name in ("amx_linear", "dense_linear", "dense_wide_linear"):
         monkeypatch.setattr(kernels, name, counted(name))
+
+    def within_bound(out, x):
+        ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+        scale = ref.abs().max().item()
+        if dtype == torch.float32:
+            return (out.double() - ref).abs().max().item() <= 1e-5 * scale
+        return ((out.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6 * scale).all()
+
     x = torch.randn(1, rows, k, generator=g).to(dtype)
     out, plain = packed(x), F.linear(x, lin.weight, lin.bias)
-    if rows >= PREFILL_ROWS and not packed.amx:  # no kernel for this many rows: the plain product
-        assert ran == [] and torch.equal(out, plain)
-        return
-    assert ran == ["amx_linear" if packed.amx and rows > 1 else "dense_linear"]
-    assert packed.kernel and out.dtype == dtype and out.shape == (1, rows, n)
-    ref = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
-    scale = ref.abs().max().item()
-    if dtype == torch.float32:
-        assert (out.double() - ref).abs().max().item() <= 1e-5 * scale
+    if packed.amx and 1 < rows <= kernels.AMX_ROWS:
+        expected = "amx_linear"
     else:
-        bound = 2**-8 * ref.abs() + 1e-6 * scale
-        assert ((out.double() - ref).abs() <= bound).all()
-        assert ((plain.double() - ref).abs() <= bound).all()
-    # prompts (> AMX_ROWS and >= PREFILL_ROWS rows) take the plain product, bit-identical
+        expected = "dense_linear" if rows < WIDE_FROM else "dense_wide_linear"
+    assert ran == [expected]
+    assert packed.kernel and out.dtype == dtype and out.shape == (1, rows, n)
+    assert within_bound(out, x)
+    assert within_bound(plain, x)
     long = torch.randn(1, 80, k, generator=g).to(dtype)
-    assert torch.equal(packed(long), F.linear(long, lin.weight, lin.bias))
+    ran.clear()
+    out = packed(long)
+    assert ran == []
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, F.linear(long, lin.weight, lin.bias))
+    else:
+        assert within_bound(out, long)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_wide_kernel_at_any_rows(dtype):
+    """dense_wide_linear at every count of 16-row vectors, partial ones and a partial last tile of weight rows;
+    more than WIDE_ROWS rows is an error, not a wrong answer."""
+    from qwen15.quantize import kernels
+
+    if not kernels.dense_kernel(dtype):
+        pytest.skip(f"no AVX-512 dense kernel for {dtype} here")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(29, 96, generator=g).to(dtype)  # 29 rows: no tile size divides it
+    bias = torch.randn(29, generator=g)
+    for rows in (1, 7, 16, 31, 32, 47, 48, 50, 64):
+        x = torch.randn(rows, 96, generator=g).to(dtype)
+        ref = x.double() @ w.double().T + bias.double()
+        out = kernels.dense_wide_linear(x, w, bias).double()
+        tol = 2**-8 * ref.abs() + 1e-5 if dtype == torch.bfloat16 else 1e-5 * ref.abs().max()
+        assert ((out - ref).abs() <= tol).all(), rows
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        kernels.dense_wide_linear(torch.zeros(65, 96, dtype=dtype), w, None)
 
 
 def test_cpu_prepacked_fp32_equals_plain_to_rounding():

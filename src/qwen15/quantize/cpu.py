@@ -3,11 +3,12 @@
 Decode multiplies a few rows by each matrix: bound by reading the weights. oneDNN's products at 1-32 rows read
 them below the memory's bandwidth here, and at 8 rows slower than at 1 (bench/kernels.py), so where our kernels
 build, the products of decode run on the plain weight, which they read once for all rows: bf16 on AMX tiles
-(kernels.amx_linear, 2 to AMX_ROWS rows) where the CPU has them, else AVX-512 (kernels.dense_linear: vdpbf16ps or
-fma, fp32 sums, fewer than PREFILL_ROWS rows); longer inputs (prompts) run torch's F.linear (oneDNN / MKL). Without
-the kernels the weight is prepacked for oneDNN instead (about 1.5x faster than a plain weight, which oneDNN reorders
-on every call; fp32: torch's default product uses one thread for these shapes, oneDNN all). The transform changes
-the model in place and makes it inference-only.
+(kernels.amx_linear, 2 to AMX_ROWS rows) where the CPU has them, else AVX-512 (kernels.dense_linear: dot products,
+below WIDE_FROM rows; kernels.dense_wide_linear: each weight broadcast against 16 rows, up to WIDE_ROWS). Longer
+inputs (prompts) run oneDNN: bf16 through torch's F.linear (so bit-identical to the plain model), fp32 called
+directly (torch's fp32 product is MKL's, 2.3x slower on an AMD EPYC). Without the kernels the weight is prepacked
+for oneDNN instead (about 1.5x faster than a plain weight, which oneDNN reorders on every call). The transform
+changes the model in place and makes it inference-only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen15.quantize import kernels
-from qwen15.quantize.int8 import PREFILL_ROWS
+
+WIDE_FROM = 24  # rows from which kernels.dense_wide_linear beats dense_linear (bench/kernels.py)
 
 
 class PackedLinear(nn.Module):
@@ -30,6 +32,7 @@ class PackedLinear(nn.Module):
         w = linear.weight.detach()
         self.kernel = kernels.dense_kernel(w.dtype)
         self.amx = self.kernel and kernels.amx_fits(w)
+        self.wide = self.kernel and (w.dtype == torch.float32 or self.in_features % 2 == 0)
         if self.kernel:
             self.register_buffer("weight", w.contiguous())
             self._bias32 = None if linear.bias is None else linear.bias.detach().float().contiguous()
@@ -46,9 +49,15 @@ class PackedLinear(nn.Module):
             # one row: AVX-512, as fast or a little faster (both read the weights at the memory's speed)
             if self.amx and 1 < rows <= kernels.AMX_ROWS:
                 run = kernels.amx_linear
-            elif rows < PREFILL_ROWS:
+            elif rows < WIDE_FROM:
                 run = kernels.dense_linear
+            elif rows <= kernels.WIDE_ROWS and self.wide:
+                run = kernels.dense_wide_linear
         if run is None:
+            if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+                # oneDNN on the plain weight: 2.3x torch's fp32 product (MKL) at 32-512 rows on an AMD EPYC
+                # (bench/RESULTS.md), within 10% of a prepacked copy, which would double the memory
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return F.linear(x, self.weight, self.bias)
         y = run(x2.contiguous(), self.weight, self._bias32)
         return y.view(*x.shape[:-1], self.out_features)

@@ -17,7 +17,8 @@
           G 32, 64 or 128; K a multiple of G. Packed uint8 [N, K / 2], groups interleaved 16 at a time (see the
           int4 section); the activations are quantized per group of G columns (one scale xs_g each):
           y[n] = sum_g scale_g * xs_g * sum_{k in g} q[n, k] xq[k] + sum_g min_g * xs_g * sum_{k in g} xq[k].
-   bf16, fp32: y = x @ w.T + bias for dense weights (vdpbf16ps / fma), for decode at up to 15 rows.
+   bf16, fp32: y = x @ w.T + bias for dense weights (vdpbf16ps / fma), for decode at up to 64 rows (dot products
+   below 24 rows, broadcasts of each weight against 16 rows at a time from there).
    x and y are bf16 or fp32 (flags), [M, K] and [M, N], row-major; bias fp32 [N] or NULL. */
 
 #include <immintrin.h>
@@ -360,7 +361,7 @@ int q15_int4_linear(const void *x, int x_bf16, const uint8_t *q, const uint16_t 
 
 /* ------------------------------------------------------------------------------------------------ bf16, fp32 */
 
-/* Dense weights, for decode at batch 1-15: out[i][j] = sum_k w[i, k] x[j, k], NR weight rows by MT activation rows,
+/* Dense weights, for decode at batch 1-23: out[i][j] = sum_k w[i, k] x[j, k], NR weight rows by MT activation rows,
    fp32 sums in 16 lanes. bf16 uses vdpbf16ps (32 products per instruction, each exact in fp32, summed in fp32);
    fp32 uses fma. One weight load feeds MT activation rows. The next tile's rows are prefetched. */
 __attribute__((target("avx512bf16"))) ALWAYS_INLINE void bf16_tile(const uint16_t *x, int64_t ldx,
@@ -424,6 +425,9 @@ ALWAYS_INLINE void f32_tile(const float *x, int64_t ldx, const float *w, int64_t
         _Pragma("GCC unroll 8") for (int j = 0; j < MT; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+/* 16 rows: at most 180 KB of fp32 weight (K 2816), which stays in L2 while the activation rows pass over it. */
+#define DENSE_BLOCK 16
+
 /* Tiles of 4 weight rows by up to 4 activation rows, or 2 by up to 8 (registers: NR * MT sums + NR weights). */
 #define DENSE_TILE(fn, T, NR_)                                                                                     \
     switch (mt) {                                                                                                  \
@@ -441,11 +445,15 @@ __attribute__((target("avx512bf16"))) static void dense_rows(const void *x, cons
                                                               const float *bias, void *y, int64_t M, int64_t N,
                                                               int64_t K, int64_t n0, int64_t n1) {
     float out[8][8];
+    /* Blocks of DENSE_BLOCK weight rows, each read from memory once and then from cache for every 8 activation
+       rows: at 9-64 rows the weights stream once, not once per 8 rows. */
+    for (int64_t b = n0; b < n1; b += DENSE_BLOCK)
     for (int64_t m = 0; m < M; m += 8) {
         int mt = M - m >= 8 ? 8 : (int)(M - m);
         int nr_full = mt <= 4 ? 4 : 2;
-        for (int64_t n = n0; n < n1; n += nr_full) {
-            int nr = n1 - n >= nr_full ? nr_full : (int)(n1 - n);
+        int64_t b1 = b + DENSE_BLOCK < n1 ? b + DENSE_BLOCK : n1;
+        for (int64_t n = b; n < b1; n += nr_full) {
+            int nr = b1 - n >= nr_full ? nr_full : (int)(b1 - n);
             if (nr == nr_full) {
                 if (bf16) {
                     DENSE_TILE(bf16_tile, uint16_t, 4)
@@ -479,6 +487,123 @@ void q15_dense_linear(const void *x, const void *w, int bf16, const float *bias,
         split_rows(N, 16, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
         dense_rows(x, w, bf16, bias, y, M, N, K, n0, n1);
     }
+}
+
+/* ------------------------------------------------------------------------------------ bf16, fp32 at 16-64 rows */
+
+/* From 16 rows on the dot products above spend their time on loads and horizontal sums. Here the activations are
+   transposed once per call (xt: 16 rows per vector, zero-padded to MV vectors; bf16 as pairs of columns, the
+   layout vdpbf16ps takes) and each weight element (bf16: pair), read in place, is broadcast against the MV
+   vectors: NR x MV fp32 sums stay in registers over the whole K, and the weights stream from memory once. The sum
+   of each output runs over k in order, in fp32 (bf16: each pair's two products exact, added, then summed). */
+#define WIDE_MV 4 /* vectors of 16 rows: 64 rows at most */
+
+ALWAYS_INLINE void wide_f32_tile(const float *xt, int64_t K, const float *w, int NR, int MV, float *buf) {
+    __m512 acc[16][WIDE_MV];
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) acc[i][v] = _mm512_setzero_ps();
+    const int64_t step = 16 * MV;
+    for (int64_t k = 0; k < K; k++) {
+        if ((k & 15) == 0)
+            _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _mm_prefetch((const char *)(w + i * K + k) + 512, _MM_HINT_T0);
+        __m512 xv[WIDE_MV];
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) xv[v] = _mm512_loadu_ps(xt + k * step + 16 * v);
+        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {
+            __m512 wb = _mm512_set1_ps(w[i * K + k]);
+            _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) acc[i][v] = _mm512_fmadd_ps(wb, xv[v], acc[i][v]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) _mm512_storeu_ps(buf + i * 64 + 16 * v, acc[i][v]);
+}
+
+__attribute__((target("avx512bf16"))) ALWAYS_INLINE void wide_bf16_tile(const uint32_t *xt, int64_t K,
+                                                                         const uint16_t *w, int NR, int MV,
+                                                                         float *buf) {
+    __m512 acc[16][WIDE_MV];
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) acc[i][v] = _mm512_setzero_ps();
+    const int64_t step = 16 * MV;
+    for (int64_t k = 0; k < K; k += 2) {
+        if ((k & 31) == 0)
+            _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) _mm_prefetch((const char *)(w + i * K + k) + 512, _MM_HINT_T0);
+        __m512i xv[WIDE_MV];
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++)
+            xv[v] = _mm512_loadu_si512((const void *)(xt + (k / 2) * step + 16 * v));
+        _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++) {
+            uint32_t pair;
+            memcpy(&pair, w + i * K + k, 4);
+            __m512i wb = _mm512_set1_epi32((int)pair);
+            _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++)
+                acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)xv[v], (__m512bh)wb);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < NR; i++)
+        _Pragma("GCC unroll 4") for (int v = 0; v < MV; v++) _mm512_storeu_ps(buf + i * 64 + 16 * v, acc[i][v]);
+}
+
+/* weight rows per tile for MV vectors of rows: NR x MV sums of 32 registers, the rest for rows and broadcasts */
+static const int WIDE_NR[WIDE_MV + 1] = {0, 16, 12, 8, 6};
+
+#define WIDE_TILE(fn, XT, W, NR_, OUT)                                                                             \
+    switch (MV) {                                                                                                  \
+    case 1: fn(XT, K, W, NR_ ? NR_ : 16, 1, OUT); break;                                                          \
+    case 2: fn(XT, K, W, NR_ ? NR_ : 12, 2, OUT); break;                                                          \
+    case 3: fn(XT, K, W, NR_ ? NR_ : 8, 3, OUT); break;                                                           \
+    default: fn(XT, K, W, NR_ ? NR_ : 6, 4, OUT); break;                                                          \
+    }
+
+/* the NR weight rows from n (fewer at the end) against all M rows, into y */
+__attribute__((target("avx512bf16"))) static void wide_tile_rows(const void *xt, const void *w, int bf16,
+                                                                  const float *bias, void *y, int64_t M, int64_t N,
+                                                                  int64_t K, int MV, int64_t n) {
+    float buf[16 * 64];
+    const int NR = WIDE_NR[MV];
+    const int nr = N - n >= NR ? NR : (int)(N - n);
+    if (nr == NR) {
+        if (bf16) {
+            WIDE_TILE(wide_bf16_tile, (const uint32_t *)xt, (const uint16_t *)w + n * K, 0, buf)
+        } else {
+            WIDE_TILE(wide_f32_tile, (const float *)xt, (const float *)w + n * K, 0, buf)
+        }
+    } else
+        for (int i = 0; i < nr; i++) { /* the last rows, one at a time */
+            if (bf16) {
+                WIDE_TILE(wide_bf16_tile, (const uint32_t *)xt, (const uint16_t *)w + (n + i) * K, 1, buf + i * 64)
+            } else {
+                WIDE_TILE(wide_f32_tile, (const float *)xt, (const float *)w + (n + i) * K, 1, buf + i * 64)
+            }
+        }
+    for (int64_t m = 0; m < M; m++)
+        for (int i = 0; i < nr; i++) store_row(y, bf16, m * N + n + i, buf[i * 64 + m] + (bias ? bias[n + i] : 0.0f));
+}
+
+/* y [M, N] = x [M, K] @ w [N, K].T + bias for 1 <= M <= 64 (bf16: K even); returns -1 when out of memory. */
+int q15_dense_wide_linear(const void *x, const void *w, int bf16, const float *bias, void *y, int64_t M, int64_t N,
+                          int64_t K) {
+    if (M < 1 || M > 16 * WIDE_MV || (bf16 && K % 2)) return -2;
+    const int MV = (int)((M + 15) / 16);
+    const int64_t step = 16 * MV;
+    void *xt = aligned_alloc(64, (size_t)(((K * step * 4) + 63) / 64 * 64));
+    if (!xt) return -1;
+    if (bf16) {
+        const uint16_t *xs = x;
+        uint32_t *t = xt;
+        for (int64_t kp = 0; kp < K / 2; kp++)
+            for (int64_t m = 0; m < step; m++)
+                t[kp * step + m] = m < M ? (uint32_t)xs[m * K + 2 * kp] | (uint32_t)xs[m * K + 2 * kp + 1] << 16 : 0u;
+    } else {
+        const float *xs = x;
+        float *t = xt;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t m = 0; m < step; m++) t[k * step + m] = m < M ? xs[m * K + k] : 0.0f;
+    }
+    const int NR = WIDE_NR[MV];
+    const int64_t tiles = (N + NR - 1) / NR;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t tile = 0; tile < tiles; tile++) wide_tile_rows(xt, w, bf16, bias, y, M, N, K, MV, tile * NR);
+    free(xt);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ dequantize */

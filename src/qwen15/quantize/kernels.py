@@ -132,6 +132,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q15_int4_dequantize.restype = None
     lib.q15_dense_linear.argtypes = [p, p, i, p, p, i64, i64, i64]
     lib.q15_dense_linear.restype = None
+    lib.q15_dense_wide_linear.argtypes = [p, p, i, p, p, i64, i64, i64]
+    lib.q15_dense_wide_linear.restype = i
     lib.q15_amx_init.argtypes = []
     lib.q15_amx_init.restype = i
     lib.q15_amx_bf16_linear.argtypes = [p, p, p, p, i64, i64, i64]
@@ -237,6 +239,25 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     n = w.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     _lib.q15_dense_linear(_ptr(x), _ptr(w), _flag(x), _ptr(bias), _ptr(y), m, n, k)
+    return y
+
+
+WIDE_ROWS = 64  # dense_wide_linear takes up to this many rows
+
+
+def dense_wide_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """dense_linear for 1 to WIDE_ROWS rows (bf16: K even), faster from 16 rows on: the activations transposed
+    once, each weight element broadcast against 16 rows at a time."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    rc = _lib.q15_dense_wide_linear(_ptr(x), _ptr(w), _flag(x), _ptr(bias), _ptr(y), m, n, k)
+    if rc == -1:
+        raise MemoryError("dense kernel: out of memory")
+    if rc != 0:
+        raise ValueError(
+            f"dense_wide_linear takes 1 to {WIDE_ROWS} rows (bf16: an even width), got {m} x {k}"
+        )
     return y
 
 
