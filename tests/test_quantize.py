@@ -468,7 +468,9 @@ def test_describe_names_the_format_and_kernel():
     if kernels.library() is not None:
         assert note.endswith("AVX-512 VNNI kernel"), (note, can_pack)
     else:  # says why the kernel does not run
-        assert f"torch dequantize + matmul; AVX-512 kernel unavailable: {kernels.unavailable_reason()}" in note
+        assert (
+            f"torch dequantize + matmul; AVX-512 kernel unavailable: {kernels.unavailable_reason()}" in note
+        )
 
 
 # ---------------------------------------------------------------------------------------------- on disk

@@ -427,6 +427,7 @@ ALWAYS_INLINE void f32_tile(const float *x, int64_t ldx, const float *w, int64_t
 
 /* 16 rows: at most 180 KB of fp32 weight (K 2816), which stays in L2 while the activation rows pass over it. */
 #define DENSE_BLOCK 16
+#define DENSE_CHUNK 128 /* weight rows per unit of work handed to a thread */
 
 /* Tiles of 4 weight rows by up to 4 activation rows, or 2 by up to 8 (registers: NR * MT sums + NR weights). */
 #define DENSE_TILE(fn, T, NR_)                                                                                     \
@@ -481,10 +482,12 @@ __attribute__((target("avx512bf16"))) static void dense_rows(const void *x, cons
 /* y [M, N] = x [M, K] @ w [N, K].T + bias, all bf16 (bf16 = 1) or all fp32; bias fp32 [N] or NULL. */
 void q15_dense_linear(const void *x, const void *w, int bf16, const float *bias, void *y, int64_t M, int64_t N,
                       int64_t K) {
-#pragma omp parallel
-    {
-        int64_t n0, n1;
-        split_rows(N, 16, omp_get_thread_num(), omp_get_num_threads(), &n0, &n1);
+    /* chunks of DENSE_CHUNK rows to whichever thread is free: a thread that the OS preempts (a server's other
+       threads share the cores) delays only its chunk, not half of the matrix */
+    const int64_t chunks = (N + DENSE_CHUNK - 1) / DENSE_CHUNK;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t n0 = c * DENSE_CHUNK, n1 = n0 + DENSE_CHUNK < N ? n0 + DENSE_CHUNK : N;
         dense_rows(x, w, bf16, bias, y, M, N, K, n0, n1);
     }
 }
