@@ -402,6 +402,7 @@ def test_disconnects_cancel_their_requests_and_free_their_slots(server):
 
 
 def test_multi_turn_chat_reuses_the_earlier_turns_and_metrics_say_so(server, client):
+    started = time.monotonic()
     before = metrics(server["url"])
     first = [{"role": "user", "content": "Write one line about rivers."}]
     a = client.chat.completions.create(model=NAME, messages=first, temperature=0, max_tokens=20)
@@ -411,6 +412,7 @@ def test_multi_turn_chat_reuses_the_earlier_turns_and_metrics_say_so(server, cli
     ]
     b = client.chat.completions.create(model=NAME, messages=second, temperature=0, max_tokens=8)
     after = metrics(server["url"])
+    elapsed = time.monotonic() - started
     hits = after["qwen15_prefix_cache_hit_tokens_total"] - before["qwen15_prefix_cache_hit_tokens_total"]
     assert hits >= a.usage.prompt_tokens  # the whole first prompt (and part of the reply) came from the cache
     assert b.usage.prompt_tokens > hits
@@ -424,6 +426,9 @@ def test_multi_turn_chat_reuses_the_earlier_turns_and_metrics_say_so(server, cli
     assert (
         after["qwen15_time_to_first_token_seconds_count"] > before["qwen15_time_to_first_token_seconds_count"]
     )
+    # the engine worked for these requests: its busy time grew, by less than the time they took
+    busy = after["qwen15_engine_busy_seconds_total"] - before["qwen15_engine_busy_seconds_total"]
+    assert 0 < busy < elapsed
 
 
 # ---------------------------------------------------------------------------------------------- bad requests

@@ -91,6 +91,12 @@ def render(runner, metrics: ServerMetrics) -> str:
         ),
         ("qwen15_engine_steps_total", "counter", "engine steps that did work", stats.steps),
         (
+            "qwen15_engine_busy_seconds_total",
+            "counter",
+            "seconds the engine spent in steps that did work (its share of the wall time: its load)",
+            stats.busy_seconds,
+        ),
+        (
             "qwen15_sequences_cancelled_total",
             "counter",
             "sequences cancelled (disconnects, stop strings)",
