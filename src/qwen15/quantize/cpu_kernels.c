@@ -492,9 +492,9 @@ void q15_dense_linear(const void *x, const void *w, int bf16, const float *bias,
     }
 }
 
-/* ------------------------------------------------------------------------------------ bf16, fp32 at 16-64 rows */
+/* ------------------------------------------------------------------------------------ bf16, fp32 at 24-64 rows */
 
-/* From 16 rows on the dot products above spend their time on loads and horizontal sums. Here the activations are
+/* From ~24 rows on the dot products above spend their time on loads and horizontal sums. Here the activations are
    transposed once per call (xt: 16 rows per vector, zero-padded to MV vectors; bf16 as pairs of columns, the
    layout vdpbf16ps takes) and each weight element (bf16: pair), read in place, is broadcast against the MV
    vectors: NR x MV fp32 sums stay in registers over the whole K, and the weights stream from memory once. The sum
@@ -546,14 +546,15 @@ __attribute__((target("avx512bf16"))) ALWAYS_INLINE void wide_bf16_tile(const ui
 }
 
 /* weight rows per tile for MV vectors of rows: NR x MV sums of 32 registers, the rest for rows and broadcasts */
-static const int WIDE_NR[WIDE_MV + 1] = {0, 16, 12, 8, 6};
+#define WIDE_NR(MV) ((MV) == 1 ? 16 : (MV) == 2 ? 12 : (MV) == 3 ? 8 : 6)
 
-#define WIDE_TILE(fn, XT, W, NR_, OUT)                                                                             \
+/* one tile of WIDE_NR(MV) weight rows, or of one row (ONE = 1), with MV a constant in each case */
+#define WIDE_TILE(fn, XT, W, ONE, OUT)                                                                             \
     switch (MV) {                                                                                                  \
-    case 1: fn(XT, K, W, NR_ ? NR_ : 16, 1, OUT); break;                                                          \
-    case 2: fn(XT, K, W, NR_ ? NR_ : 12, 2, OUT); break;                                                          \
-    case 3: fn(XT, K, W, NR_ ? NR_ : 8, 3, OUT); break;                                                           \
-    default: fn(XT, K, W, NR_ ? NR_ : 6, 4, OUT); break;                                                          \
+    case 1: fn(XT, K, W, ONE ? 1 : WIDE_NR(1), 1, OUT); break;                                                    \
+    case 2: fn(XT, K, W, ONE ? 1 : WIDE_NR(2), 2, OUT); break;                                                    \
+    case 3: fn(XT, K, W, ONE ? 1 : WIDE_NR(3), 3, OUT); break;                                                    \
+    default: fn(XT, K, W, ONE ? 1 : WIDE_NR(4), 4, OUT); break;                                                   \
     }
 
 /* the NR weight rows from n (fewer at the end) against all M rows, into y */
@@ -561,7 +562,7 @@ __attribute__((target("avx512bf16"))) static void wide_tile_rows(const void *xt,
                                                                   const float *bias, void *y, int64_t M, int64_t N,
                                                                   int64_t K, int MV, int64_t n) {
     float buf[16 * 64];
-    const int NR = WIDE_NR[MV];
+    const int NR = WIDE_NR(MV);
     const int nr = N - n >= NR ? NR : (int)(N - n);
     if (nr == NR) {
         if (bf16) {
@@ -601,7 +602,7 @@ int q15_dense_wide_linear(const void *x, const void *w, int bf16, const float *b
         for (int64_t k = 0; k < K; k++)
             for (int64_t m = 0; m < step; m++) t[k * step + m] = m < M ? xs[m * K + k] : 0.0f;
     }
-    const int NR = WIDE_NR[MV];
+    const int NR = WIDE_NR(MV);
     const int64_t tiles = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t tile = 0; tile < tiles; tile++) wide_tile_rows(xt, w, bf16, bias, y, M, N, K, MV, tile * NR);
