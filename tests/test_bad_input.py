@@ -569,6 +569,11 @@ def cases(p: dict) -> list[tuple[str, list[str], list[str]]]:
         ("serve-max-seqs-0", ["serve", *model, "--max-num-seqs", "0"], ["--max-num-seqs"]),
         ("serve-kv-memory", ["serve", *model, "--kv-cache-memory", "lots"], ["--kv-cache-memory"]),
         ("serve-adapter-missing", ["serve", *model, "--adapter", str(new / "ad")], [str(new / "ad")]),
+        (
+            "serve-step-log-no-folder",
+            ["serve", *model, "--step-log", str(new / "logs" / "steps.jsonl")],
+            ["--step-log", str(new / "logs")],
+        ),
         # ------------------------------------------------------------------ demo
         ("demo-out-file", [*demo, "--out", s["notes"]], [s["notes"]]),
         ("demo-out-not-ours", [*demo, "--out", s["userdir"]], [s["userdir"]]),

@@ -125,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--prefill-chunk", args.prefill_chunk)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.step_log:  # before the model loads: a log that cannot be written fails at once
+        folder = os.path.dirname(os.path.abspath(args.step_log))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UserError(
+                f"--step-log {args.step_log}: cannot write in {folder} (no such folder, or not writable); "
+                "choose another FILE"
+            )
 
     from qwen15.chat import chat_stop_ids
     from qwen15.commands.options import load_model, tensor_parallel_world
